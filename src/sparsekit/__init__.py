@@ -1,0 +1,31 @@
+"""sparsekit: prune LLM weights to hardware sparsity patterns with Optimal Brain Surgeon mathematics.
+
+Importing sparsekit never initialises CUDA.
+"""
+
+from sparsekit.api import PruneResult, prune_weight
+from sparsekit.errors import HessianError, InputError, PatternError, SparsekitError
+from sparsekit.hessian import HessianAccumulator
+from sparsekit.metrics import relative_error
+from sparsekit.patterns import PRESETS, BlockSpec, Pattern, ScopeSpec, check_mask, get_pattern
+from sparsekit.pruners import METHODS
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "prune_weight",
+    "PruneResult",
+    "Pattern",
+    "BlockSpec",
+    "ScopeSpec",
+    "PRESETS",
+    "get_pattern",
+    "check_mask",
+    "HessianAccumulator",
+    "relative_error",
+    "METHODS",
+    "SparsekitError",
+    "PatternError",
+    "InputError",
+    "HessianError",
+]

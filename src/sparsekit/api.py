@@ -1,0 +1,146 @@
+"""The functional entry point: ``prune_weight(weight, hessian, pattern, method, **options) -> PruneResult``."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from sparsekit.errors import InputError
+from sparsekit.hessian import check_hessian
+from sparsekit.metrics import relative_error
+from sparsekit.patterns import Layout, Pattern, check_mask, get_pattern
+from sparsekit.pruners import get_pruner
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PruneResult", "prune_weight"]
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune_weight` returns.
+
+    ``weight`` has the input's dtype and device, pruned entries exactly 0; ``mask`` is True where kept;
+    ``loss`` is the relative output error ``sqrt(tr(δ H δᵀ) / tr(W H Wᵀ))`` through the undamped H.
+    """
+
+    weight: Tensor  # (M, K)
+    mask: Tensor  # (M, K) bool
+    loss: float
+    method: str
+    pattern: str
+    time_s: float
+    damp: float | None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.mask.float().mean().item()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable summary (no tensors)."""
+        return {
+            "method": self.method,
+            "pattern": self.pattern,
+            "loss": self.loss,
+            "sparsity": self.sparsity,
+            "time_s": self.time_s,
+            "damp": self.damp,
+            "stats": self.stats,
+        }
+
+
+def _check_weight(weight: Tensor) -> None:
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise InputError(f"weight must be a 2-D tensor (M, K), got {getattr(weight, 'shape', type(weight))}.")
+    if not weight.is_floating_point():
+        raise InputError(f"weight must be a floating tensor, got {weight.dtype}; cast it with .float().")
+    if weight.numel() == 0:
+        raise InputError("weight is empty.")
+    if not torch.isfinite(weight).all():
+        raise InputError("weight contains NaN or Inf; fix the checkpoint before pruning.")
+
+
+def _check_options(fn: Callable[..., Any], method: str, options: dict[str, Any]) -> None:
+    params = inspect.signature(fn).parameters
+    accepted = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY]
+    unknown = [k for k in options if k not in accepted]
+    if unknown:
+        raise InputError(f"method {method!r} does not take {', '.join(unknown)}; it takes: {', '.join(accepted)}.")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prune_weight(
+    weight: Tensor,
+    hessian: Tensor,
+    pattern: "str | Pattern",
+    method: str = "sparsegpt",
+    *,
+    damp: float = 0.01,
+    damp_mode: str = "mean",
+    inplace: bool = False,
+    progress_fn: Callable[[str], None] | None = None,
+    **options: Any,
+) -> PruneResult:
+    """Prune ``weight (M, K)`` to ``pattern`` minimising ``‖X (W' − W)ᵀ‖²`` given ``hessian = XᵀX/N (K, K)``.
+
+    Args:
+        weight: the layer's weight, any float dtype, CPU or CUDA. Not modified unless ``inplace=True``.
+        hessian: ``(K, K)`` float32/float64 on the weight's device (see :class:`~sparsekit.HessianAccumulator`).
+        pattern: a preset name (``"2:4"``, ``"2:4-pairs"``, ``"coupled-2:4"``, ``"rowpair-16"``, ``"50%"``, any
+            ``"N:M"``) or a :class:`~sparsekit.Pattern`.
+        method: one of ``sparsekit.pruners.METHODS``.
+        damp: damping, the seed's rule: relative to ``mean(diag H)`` if < 1, absolute otherwise.
+        damp_mode: ``"mean"`` (``λ I``) or ``"diag"`` (``damp · diag H``).
+        inplace: write the result into ``weight``.
+        progress_fn: called with short progress messages by long-running methods.
+        **options: method options (e.g. ``blocksize`` for SparseGPT); unknown ones raise :class:`InputError`.
+    """
+    _check_weight(weight)
+    M, K = weight.shape
+    if not isinstance(hessian, Tensor):
+        raise InputError(f"hessian must be a tensor, got {type(hessian).__name__}.")
+    if hessian.device != weight.device:
+        raise InputError(
+            f"weight is on {weight.device} but hessian on {hessian.device}; move both to the same device."
+        )
+    if hessian.dtype not in (torch.float32, torch.float64):
+        raise InputError(f"hessian must be float32 or float64 (got {hessian.dtype}); accumulate it in float32.")
+    check_hessian(hessian, K)
+    pat = get_pattern(pattern)
+    layout: Layout = pat.resolve(M, K, device=weight.device)
+    fn = get_pruner(method)
+    _check_options(fn, method, options)
+
+    dtype = torch.float64 if torch.float64 in (weight.dtype, hessian.dtype) else torch.float32
+    w0 = weight.detach().to(dtype)
+    h = hessian.detach().to(dtype)
+    _sync(weight.device)
+    t0 = time.perf_counter()
+    out = fn(w0.clone(), h, layout, damp=damp, damp_mode=damp_mode, progress_fn=progress_fn, **options)
+    _sync(weight.device)
+    elapsed = time.perf_counter() - t0
+
+    mask = out.mask.bool()
+    check_mask(mask, layout)
+    new = out.weight.masked_fill(~mask, 0.0)
+    if not torch.isfinite(new).all():
+        raise InputError(f"method {method!r} produced NaN/Inf; raise damp (now {damp}) or use float64 inputs.")
+    loss = relative_error(w0, new, h)
+    log.debug("%s %s (%d, %d): loss %.4f in %.3fs", method, pat.name, M, K, loss, elapsed)
+    new = new.to(weight.dtype)
+    if inplace:
+        with torch.no_grad():
+            weight.copy_(new)
+        new = weight
+    return PruneResult(new, mask, loss, method, pat.name, elapsed, out.damp, dict(out.stats))
