@@ -1,0 +1,76 @@
+"""``sparsekit`` command line: ``prune``, ``eval``, ``bench``, ``env``.
+
+Each subcommand lives next to the code it drives and registers itself with ``add_cli(subparsers)``;
+this module only dispatches. Progress bars (tqdm) and printing happen here, at the edge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import platform
+import sys
+
+#: modules that register subcommands (each defines ``add_cli(subparsers)``)
+_COMMAND_MODULES = ("sparsekit.pipeline", "sparsekit.bench")
+
+
+def _env(args: argparse.Namespace) -> int:
+    import torch
+
+    import sparsekit
+
+    print(f"sparsekit {sparsekit.__version__}")
+    print(f"python    {platform.python_version()} ({sys.executable})")
+    print(f"torch     {torch.__version__}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"cuda:{i}    {p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs")
+    else:
+        print("cuda      not available (CPU only)")
+    for mod in ("transformers", "safetensors", "gguf", "tqdm", "matplotlib"):
+        try:
+            print(f"{mod:<9} {importlib.import_module(mod).__dict__.get('__version__', 'installed')}")
+        except ImportError:
+            print(f"{mod:<9} not installed (pip install 'sparsekit[hf]')")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparsekit",
+        description="Prune LLM weights to hardware sparsity patterns with Optimal Brain Surgeon mathematics.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).add_cli(sub)
+    p = sub.add_parser("env", help="print versions and devices")
+    p.set_defaults(func=_env)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        argv = ["prune"]  # `sparsekit` alone runs the built-in default job
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    from sparsekit.errors import SparsekitError
+
+    try:
+        return int(args.func(args) or 0)
+    except SparsekitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
