@@ -41,6 +41,32 @@ def _batch_bounds(layout: Layout, blocksize: int) -> list[int]:
     return bounds
 
 
+#: columns solved at once between mask decisions (a unit-triangular solve per row of this size)
+SEGMENT = 32
+
+
+def _sweep_segment(W1: Tensor, U1: Tensor, pruned1: Tensor, a: int, b: int) -> Tensor:
+    """Process columns ``a:b`` of the batch, whose masks are known, exactly as the column loop would.
+
+    The loop ``err_i = p_i v_i / U_ii``, ``v_j ← v_j − err_i U_ij (j > i)`` over the segment is, per row, the
+    unit-triangular system ``v (I + diag(p / d) T⁺) = w`` with ``T⁺`` the strict upper part of ``U1[a:b, a:b]``;
+    solving it replaces ``b − a`` rank-1 updates by one batched solve. Updates ``W1`` in place; returns the
+    segment's ``err (M, b − a)``.
+    """
+    T = U1[a:b, a:b]  # (g, g) upper
+    d = T.diagonal()  # (g,)
+    p = pruned1[:, a:b].to(W1.dtype)  # (M, g) 1 = pruned
+    w = W1[:, a:b]  # (M, g)
+    A = (p / d).unsqueeze(2) * T.triu(1)  # (M, g, g) strict upper
+    A.diagonal(dim1=1, dim2=2).fill_(1.0)
+    v = torch.linalg.solve_triangular(A.transpose(1, 2), w.unsqueeze(2), upper=False, unitriangular=True)
+    v = v.squeeze(2)  # (M, g) each column's value when the sweep reaches it
+    err = p * v / d  # (M, g)
+    W1[:, a:b] = v * (1 - p)
+    W1[:, b:].sub_(err @ U1[a:b, b:])
+    return err
+
+
 def prune_sparsegpt(
     weight: Tensor,
     hessian: Tensor,
@@ -73,9 +99,11 @@ def prune_sparsegpt(
         W1 = W[:, i1:i2].clone()  # (M, n) the batch, updated in place
         U1 = U[i1:i2, i1:i2]  # (n, n)
         d = U1.diagonal()  # (n,)
-        Err1 = torch.zeros_like(W1)  # (M, n)
-        for i in range(i2 - i1):
-            g = groups.get(i1 + i)
+        Err1 = torch.empty_like(W1)  # (M, n)
+        # mask decisions happen at scope starts; between two of them, segments of <= SEGMENT columns
+        cuts = sorted({c - i1 for c in groups if i1 <= c < i2} | set(range(0, i2 - i1, SEGMENT)) | {i2 - i1})
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            g = groups.get(i1 + a)
             if g is not None:
                 rows, cols = g  # (n_s, B, e)
                 score = (W1[rows, cols - i1] / d[cols - i1]).square().sum(-1)  # (n_s, B)
@@ -83,13 +111,9 @@ def prune_sparsegpt(
                 if layout.nnz:
                     drop.scatter_(1, score.topk(layout.nnz, dim=1).indices, False)
                 pruned[rows, cols] = drop.unsqueeze(-1).expand_as(rows)
-            w = W1[:, i]  # (M,)
-            err = torch.where(pruned[:, i1 + i], w, torch.zeros_like(w)) / d[i]  # (M,)
-            W1[:, i:].sub_(err.unsqueeze(1) * U1[i, i:].unsqueeze(0))
-            Err1[:, i] = err
+            Err1[:, a:b] = _sweep_segment(W1, U1, pruned[:, i1:i2], a, b)
         W[:, i1:i2] = W1
         W[:, i2:].sub_(Err1 @ U[i1:i2, i2:])
         if progress_fn is not None:
             progress_fn(f"sparsegpt: columns {i2}/{K}")
-    mask = ~pruned
-    return PrunerOutput(W.masked_fill(pruned, 0.0), mask, inv.damp, {"damp_steps": inv.steps})
+    return PrunerOutput(W.masked_fill(pruned, 0.0), ~pruned, inv.damp, {"damp_steps": inv.steps})
