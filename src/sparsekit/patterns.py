@@ -304,11 +304,12 @@ class Layout:
         r = _to_blocks(r, (*sdims, 1)).reshape(-1, e, math.prod(sdims)).transpose(1, 2)  # (S_chunk, B, e)
         c = _to_blocks(c, (*sdims, 1)).reshape(-1, e, math.prod(sdims)).transpose(1, 2)
         n_chunks = num_rows // blk.chunk_rows
-        offs = (torch.arange(n_chunks) * blk.chunk_rows).view(-1, 1, 1, 1)
+        r, c = r.to(device), c.to(device)  # expand on the device: only the chunk template travels
+        offs = (torch.arange(n_chunks, device=device) * blk.chunk_rows).view(-1, 1, 1, 1)
         rows = (r.unsqueeze(0) + offs).reshape(-1, *r.shape[1:])
         cols = c.unsqueeze(0).expand(n_chunks, *c.shape).reshape(-1, *c.shape[1:])
         nnz = pattern.keep(num_cols)
-        return Layout(pattern, num_rows, num_cols, rows.contiguous().to(device), cols.contiguous().to(device), nnz)
+        return Layout(pattern, num_rows, num_cols, rows.contiguous(), cols.contiguous(), nnz)
 
     # ---- sizes -------------------------------------------------------------------------------------------
     @property
@@ -334,7 +335,23 @@ class Layout:
     def to(self, device: torch.device | str) -> "Layout":
         return Layout(self.pattern, self.num_rows, self.num_cols, self.rows.to(device), self.cols.to(device), self.nnz)
 
-    # ---- per-row structure -------------------------------------------------------------------------------
+    # ---- per-chunk and per-row structure -----------------------------------------------------------------
+    @property
+    def chunk_rows(self) -> int:
+        return self.pattern.scope.block.chunk_rows
+
+    @property
+    def scopes_per_chunk(self) -> int:
+        return self.num_scopes // (self.num_rows // self.chunk_rows)
+
+    @property
+    def template(self) -> tuple[Tensor, Tensor]:
+        """``(rows, cols)``, each ``(S_c, B, e)``: the first chunk's scopes. Chunk ``k`` repeats them with rows
+        shifted by ``k * chunk_rows``; so ``W.view(-1, chunk_rows, K)[:, rows, cols]`` gathers every scope as
+        ``(M / chunk_rows, S_c, B, e)``."""
+        n = self.scopes_per_chunk
+        return self.rows[:n], self.cols[:n]
+
     @cached_property
     def row_local(self) -> bool:
         """True when every scope lies in one row (all presets but ``rowpair-16``)."""
@@ -349,12 +366,12 @@ class Layout:
         """
         if self.pattern.scope.block.chunk_rows != 1:
             return None
-        return self.cols[: self.num_scopes // self.num_rows]
+        return self.cols[: self.scopes_per_chunk]
 
     @cached_property
     def col_span(self) -> Tensor:
-        """``(S, 2)`` first and last column of each scope."""
-        flat = self.cols.flatten(1)
+        """``(S_c, 2)`` first and last column of each scope of the chunk template (all chunks share them)."""
+        flat = self.template[1].flatten(1)
         return torch.stack([flat.min(1).values, flat.max(1).values], 1)
 
     # ---- gathers and projections -------------------------------------------------------------------------

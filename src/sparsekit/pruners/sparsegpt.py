@@ -86,17 +86,22 @@ def prune_sparsegpt(
     W = weight
     pruned = torch.zeros(M, K, dtype=torch.bool, device=W.device)  # True = pruned
 
-    # Scopes grouped by first column: start -> (rows, cols) of their elements, (n, B, e) each.
+    # Template scopes grouped by first column: start -> (rows, cols) of their elements, (n, B, e) each,
+    # rows within a chunk of R rows; every chunk repeats them (``Wc[:, rows, cols]``: all chunks at once).
+    R = layout.chunk_rows
+    t_rows, t_cols = layout.template
     first = layout.col_span[:, 0]
     order = torch.argsort(first, stable=True)
     starts, counts = torch.unique_consecutive(first[order], return_counts=True)
     groups = {}
     for s, idx in zip(starts.tolist(), torch.split(order, counts.tolist())):
-        groups[s] = (layout.rows[idx], layout.cols[idx])
+        groups[s] = (t_rows[idx], t_cols[idx])
+    pruned_c = pruned.view(M // R, R, K)  # (chunks, R, K)
 
     bounds = _batch_bounds(layout, blocksize)
     for i1, i2 in zip(bounds[:-1], bounds[1:]):
         W1 = W[:, i1:i2].clone()  # (M, n) the batch, updated in place
+        W1c = W1.view(M // R, R, -1)  # (chunks, R, n)
         U1 = U[i1:i2, i1:i2]  # (n, n)
         d = U1.diagonal()  # (n,)
         Err1 = torch.empty_like(W1)  # (M, n)
@@ -106,11 +111,11 @@ def prune_sparsegpt(
             g = groups.get(i1 + a)
             if g is not None:
                 rows, cols = g  # (n_s, B, e)
-                score = (W1[rows, cols - i1] / d[cols - i1]).square().sum(-1)  # (n_s, B)
+                score = (W1c[:, rows, cols - i1] / d[cols - i1]).square().sum(-1)  # (chunks, n_s, B)
                 drop = torch.ones_like(score, dtype=torch.bool)
                 if layout.nnz:
-                    drop.scatter_(1, score.topk(layout.nnz, dim=1).indices, False)
-                pruned[rows, cols] = drop.unsqueeze(-1).expand_as(rows)
+                    drop.scatter_(-1, score.topk(layout.nnz, dim=-1).indices, False)
+                pruned_c[:, rows, cols] = drop.unsqueeze(-1).expand(-1, -1, -1, rows.shape[-1])
             Err1[:, a:b] = _sweep_segment(W1, U1, pruned[:, i1:i2], a, b)
         W[:, i1:i2] = W1
         W[:, i2:].sub_(Err1 @ U[i1:i2, i2:])
