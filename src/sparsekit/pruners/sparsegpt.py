@@ -20,6 +20,7 @@ from torch import Tensor
 
 from sparsekit.errors import InputError
 from sparsekit.hessian import damped_inverse
+from sparsekit.kernels.sparsegpt_nm import available, sweep_batch
 from sparsekit.patterns import Layout
 from sparsekit.pruners import PrunerOutput
 
@@ -67,6 +68,19 @@ def _sweep_segment(W1: Tensor, U1: Tensor, pruned1: Tensor, a: int, b: int) -> T
     return err
 
 
+def _fused_config(layout: Layout, blocksize: int, W: Tensor) -> tuple[int, int, int] | None:
+    """``(blocks, elems, nnz)`` when the fused CUDA kernel applies: float32 on CUDA, scopes of contiguous
+    columns in one row (``N:M``, ``2:4-pairs``), ``blocksize`` a power of two holding whole scopes."""
+    if not available(W.device) or W.dtype != torch.float32 or layout.row_cols is None:
+        return None
+    S_r, B, e = layout.row_cols.shape
+    G = B * e
+    contiguous = torch.equal(layout.row_cols.flatten(), torch.arange(layout.num_cols, device=layout.device))
+    if not contiguous or G > 64 or blocksize % G or blocksize & (blocksize - 1) or blocksize > 256 or B > 8:
+        return None
+    return B, e, layout.nnz
+
+
 def prune_sparsegpt(
     weight: Tensor,
     hessian: Tensor,
@@ -98,25 +112,29 @@ def prune_sparsegpt(
         groups[s] = (t_rows[idx], t_cols[idx])
     pruned_c = pruned.view(M // R, R, K)  # (chunks, R, K)
 
+    fused = _fused_config(layout, blocksize, W)
     bounds = _batch_bounds(layout, blocksize)
     for i1, i2 in zip(bounds[:-1], bounds[1:]):
         W1 = W[:, i1:i2].clone()  # (M, n) the batch, updated in place
-        W1c = W1.view(M // R, R, -1)  # (chunks, R, n)
         U1 = U[i1:i2, i1:i2]  # (n, n)
-        d = U1.diagonal()  # (n,)
-        Err1 = torch.empty_like(W1)  # (M, n)
-        # mask decisions happen at scope starts; between two of them, segments of <= SEGMENT columns
-        cuts = sorted({c - i1 for c in groups if i1 <= c < i2} | set(range(0, i2 - i1, SEGMENT)) | {i2 - i1})
-        for a, b in zip(cuts[:-1], cuts[1:]):
-            g = groups.get(i1 + a)
-            if g is not None:
-                rows, cols = g  # (n_s, B, e)
-                score = (W1c[:, rows, cols - i1] / d[cols - i1]).square().sum(-1)  # (chunks, n_s, B)
-                drop = torch.ones_like(score, dtype=torch.bool)
-                if layout.nnz:
-                    drop.scatter_(-1, score.topk(layout.nnz, dim=-1).indices, False)
-                pruned_c[:, rows, cols] = drop.unsqueeze(-1).expand(-1, -1, -1, rows.shape[-1])
-            Err1[:, a:b] = _sweep_segment(W1, U1, pruned[:, i1:i2], a, b)
+        if fused is not None and i2 - i1 == blocksize:
+            Err1, pruned[:, i1:i2] = sweep_batch(W1, U1.contiguous(), *fused)
+        else:
+            Err1 = torch.empty_like(W1)  # (M, n)
+            W1c = W1.view(M // R, R, -1)  # (chunks, R, n)
+            d = U1.diagonal()  # (n,)
+            # mask decisions happen at scope starts; between two of them, segments of <= SEGMENT columns
+            cuts = sorted({c - i1 for c in groups if i1 <= c < i2} | set(range(0, i2 - i1, SEGMENT)) | {i2 - i1})
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                g = groups.get(i1 + a)
+                if g is not None:
+                    rows, cols = g  # (n_s, B, e)
+                    score = (W1c[:, rows, cols - i1] / d[cols - i1]).square().sum(-1)  # (chunks, n_s, B)
+                    drop = torch.ones_like(score, dtype=torch.bool)
+                    if layout.nnz:
+                        drop.scatter_(-1, score.topk(layout.nnz, dim=-1).indices, False)
+                    pruned_c[:, rows, cols] = drop.unsqueeze(-1).expand(-1, -1, -1, rows.shape[-1])
+                Err1[:, a:b] = _sweep_segment(W1, U1, pruned[:, i1:i2], a, b)
         W[:, i1:i2] = W1
         W[:, i2:].sub_(Err1 @ U[i1:i2, i2:])
         if progress_fn is not None:
