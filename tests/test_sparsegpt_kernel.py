@@ -27,10 +27,9 @@ def test_kernel_equals_reference(blocks, elems, nnz):
     W_ref = W.double().clone()
     err_ref, pr_ref = k.sweep_batch_reference(W_ref, U.double(), blocks, elems, nnz)
     W_k = W.cuda().clone()
-    poison = torch.full_like(W_k, float("nan"))
     err_k, pr_k = k.sweep_batch(W_k, U.cuda(), blocks, elems, nnz)
     assert torch.equal(pr_k.cpu(), pr_ref)
-    assert not torch.isnan(err_k).any() and not torch.isnan(W_k).any() and poison.isnan().all()
+    assert not torch.isnan(err_k).any() and not torch.isnan(W_k).any()
     rel = lambda a, b: (torch.linalg.norm(a.double().cpu() - b) / torch.linalg.norm(b)).item()
     assert rel(W_k, W_ref) < 1e-5 and rel(err_k, err_ref) < 1e-5
 
