@@ -27,7 +27,7 @@ def test_kernel_equals_reference(blocks, elems, nnz):
     W_ref = W.double().clone()
     err_ref, pr_ref = k.sweep_batch_reference(W_ref, U.double(), blocks, elems, nnz)
     W_k = W.cuda().clone()
-    err_k, pr_k = k.sweep_batch(W_k, U.cuda(), blocks, elems, nnz)
+    err_k, pr_k = k.sweep_batch(W_k, U.cuda().contiguous(), blocks, elems, nnz)
     assert torch.equal(pr_k.cpu(), pr_ref)
     assert not torch.isnan(err_k).any() and not torch.isnan(W_k).any()
     rel = lambda a, b: (torch.linalg.norm(a.double().cpu() - b) / torch.linalg.norm(b)).item()
