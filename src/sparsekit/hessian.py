@@ -135,7 +135,7 @@ def damped_inverse(
         chol, info = torch.linalg.cholesky_ex(hd)
         rel = lam / mean_diag if damp_mode == "mean" else lam
         if info.item() == 0:
-            inv = torch.cholesky_inverse(chol)
+            inv = torch.cholesky_inverse(chol).mT  # symmetric; .mT of the column-major result is row-major
             up = None
             if upper:
                 up, info = torch.linalg.cholesky_ex(inv, upper=True)
