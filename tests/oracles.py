@@ -109,3 +109,67 @@ def sparsegpt_plain(W: Tensor, H: Tensor, n: int, m: int, damp: float = 0.01) ->
         W[:, i:] -= err[:, None] * U[i, i:][None]
         W[:, i] = q
     return W
+
+
+def exact_greedy(
+    W: Tensor, H: Tensor, layout: Layout, order: str = "left_to_right", damp: float = 0.01
+) -> tuple[Tensor, Tensor]:
+    """Exact greedy OBS re-solved from scratch at every step, float64: ``(W_final (M, K), mask (M, K))``.
+
+    Damped ``Hd = H + damp·mean(diag H)·I`` (the seed's rule). Rows are grouped by the scopes that couple them
+    (one row, or the two rows of a ``rowpair-16`` scope). In each group, one scope per step: the next in column
+    order (``left_to_right``) or the undecided scope whose cheapest choice costs most (``largest_first``). A
+    choice (a set of blocks to prune) costs ``Σ_rows w_S (C_SS)⁻¹ w_Sᵀ`` with, per row, ``w`` the optimal refit
+    of the original row given everything pruned so far and ``C = inv(Hd_RR)`` over its remaining columns; the
+    cheapest choice is pruned. The result is the optimal refit of the final mask.
+    """
+    W = W.double()
+    Hd = H.double().clone()
+    Hd.diagonal().add_(damp * Hd.diagonal().mean())
+    M, K = W.shape
+    rows, cols = layout.rows.cpu(), layout.cols.cpu()
+    S, B, _ = rows.shape
+    p = B - layout.nnz
+    mask = torch.ones(M, K, dtype=torch.bool)
+    owner = rows.flatten(1).min(1).values
+    first = cols.flatten(1).min(1).values
+    choices = list(itertools.combinations(range(B), p))
+
+    def state(r: int) -> tuple[Tensor, Tensor]:
+        Rk = mask[r].nonzero().flatten()
+        w = refit(W[r : r + 1], Hd, mask[r : r + 1])[0]
+        C = torch.zeros(K, K, dtype=torch.float64)
+        C[Rk.unsqueeze(1), Rk.unsqueeze(0)] = torch.linalg.inv(Hd[Rk][:, Rk])
+        return w, C
+
+    def cheapest(s: int, st: dict[int, tuple[Tensor, Tensor]]) -> tuple[float, tuple[int, ...]]:
+        best = (float("inf"), ())
+        for ch in choices:
+            cost = 0.0
+            per_row: dict[int, list[int]] = {}
+            for b in ch:
+                for r_, c_ in zip(rows[s, b].tolist(), cols[s, b].tolist()):
+                    per_row.setdefault(r_, []).append(c_)
+            for r_, cs in per_row.items():
+                w, C = st[r_]
+                idx = torch.tensor(cs)
+                cost += float(w[idx] @ torch.linalg.solve(C[idx][:, idx], w[idx]))
+            if cost < best[0]:
+                best = (cost, ch)
+        return best
+
+    for g in owner.unique().tolist():
+        scopes = [s for s in torch.argsort(first, stable=True).tolist() if owner[s] == g]
+        grp_rows = sorted(set(rows[scopes].flatten().tolist()))
+        while scopes:
+            st = {r: state(r) for r in grp_rows}
+            if order == "left_to_right":
+                s = scopes[0]
+                _, ch = cheapest(s, st)
+            else:
+                evals = [(cheapest(s_, st), s_) for s_ in scopes]
+                (_, ch), s = max(evals, key=lambda x: x[0][0])
+            for b in ch:
+                mask[rows[s, b], cols[s, b]] = False
+            scopes.remove(s)
+    return refit(W, Hd, mask), mask

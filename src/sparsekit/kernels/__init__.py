@@ -1,0 +1,11 @@
+"""GPU fast paths, each next to the torch reference it is tested against (STYLE.md: kernel + wrapper + reference).
+
+Modules (imported on demand; importing this package never initialises CUDA or imports Triton):
+
+- :mod:`sparsekit.kernels.sparsegpt_nm` — SparseGPT: one fused Triton program per lazy batch (N:M, pairs).
+- :mod:`sparsekit.kernels.obs_linalg` — the batched linear algebra of True OBS and OBS-ord: 16-bit GEMMs with
+  float32 accumulation and result, an explicit TF32 context, and a blocked batched inverse Cholesky factor.
+
+Every fast path has a torch reference in the same file; CPU runs use the reference (or the same torch code),
+the GPU tests (``tests/test_kernels.py``, ``tests/test_sparsegpt_kernel.py``, marked ``gpu``) compare them.
+"""

@@ -1,0 +1,437 @@
+"""True OBS: every row keeps its own inverse Hessian, downdated by Schur complements (DESIGN.md §2, §4, §5).
+
+**The method.** Each row ``w`` of ``W (M, K)`` starts from ``C = (H + Λ)⁻¹`` (damping as
+:func:`~sparsekit.hessian.damped_inverse`) and repeats, until every scope is decided:
+
+1. pick ``ng`` of its undecided scopes: ``left_to_right`` (column order) or ``largest_first`` (the scopes whose
+   cheapest choice costs most, with the current ``C`` and ``w``);
+2. choose their masks with the current ``C`` and ``w``: ``independent`` (per element ``w_j² / C_jj``, summed per
+   block, the ``B − nnz`` smallest blocks of each scope) or ``joint`` (every subset ``S`` of ``B − nnz`` blocks,
+   cost ``w_S (C_SS)⁻¹ w_Sᵀ``, :func:`~sparsekit.pruners.scoring.best_subset`). All of a step's decisions use the
+   same ``C`` (for ``ng > 1`` the interaction between the step's scopes is ignored in the *choice*);
+3. prune the union ``P`` of the step's pruned elements with the exact OBS update and downdate (DESIGN.md §2)::
+
+       δw = −w_P (C_PP)⁻¹ C_{P,:}                     (2.1)  all remaining columns move; w_P becomes 0
+       C  ← C − C_{:,P} (C_PP)⁻¹ C_{P,:}               (2.2)  Schur complement: C = inv((H + Λ)_RR) on the rest
+
+With ``ng = 1`` and ``joint`` scoring this is exact greedy OBS (``tests/oracles.py::exact_greedy``).
+``rowpair-16``: a scope is one 16-column block in rows ``i`` and ``i + 8`` of a 16-row chunk; both rows are in
+the same chunk, the choice compares the two rows' costs (each with its own ``C``), so rows prune different
+numbers of elements per step: the per-row sets are padded to the chunk's largest with identity rows/columns in
+``C_PP`` and zero weights (the padding changes nothing).
+
+**Factored form (what is stored).** With ``C_PP = L Lᵀ`` and ``Z = C_{:,P} L⁻ᵀ (K, q)``, (2.2) is
+``C ← C − Z Zᵀ`` and (2.1) is ``δw = −Z a`` with ``a = L⁻¹ w_Pᵀ``. After ``s`` steps ``C = C0 − U Uᵀ`` with
+``U = [Z_1 … Z_s] (K, t)``, ``t`` = columns pruned so far. Each row stores ``U``, not ``C``; ``C0`` is shared.
+A step needs only ``C_{P,:} = C0_{P,:} − U_P Uᵀ``: one batched GEMM ``(q × t)·(t × K)`` per row on tensor cores,
+about half the arithmetic of downdating a full ``C`` (compacted or not) at 50% sparsity (BENCHMARKS.md, "True
+OBS on GPU"). Memory per row: ``K · t_max`` entries of ``c_dtype`` (``t_max`` = the row's pruned columns:
+``K/2`` at 2:4, at most ``K`` for rowpair-16) plus ``3 · K · q`` float32 work entries: O(chunk_size · K²).
+
+**Scaling (DESIGN.md §5).** The work runs in the scale-free coordinates ``w̃ = w D``, ``H̃ = D⁻¹ (H + Λ) D⁻¹``
+with ``D = sqrt(diag(H + Λ))`` (so ``C̃ = D C D``, unit-diagonal ``H̃``). OBS costs and updates are
+unchanged by it (``w̃_P (C̃_PP)⁻¹ w̃_Pᵀ = w_P (C_PP)⁻¹ w_Pᵀ``); it only puts every entry of ``C̃`` on one
+scale, which is what makes 16-bit ``c_dtype`` usable. ``C0`` stays float32 (or float64); only ``U`` is stored in
+``c_dtype``, and the GEMM accumulates in float32.
+
+**c_dtype.** ``None``: the weight's working dtype (float32, or float64 for float64 inputs). On CUDA, float32
+matmuls of the big GEMMs run in TF32 inside an explicit :func:`~sparsekit.kernels.obs_linalg.tf32` context
+(within 0.5% of float64, measured: BENCHMARKS.md); the small factorisations are always strict.
+``torch.float16``/``torch.bfloat16`` store ``U`` in 16 bits (half the memory and bytes, full tensor-core rate);
+the 0.5% rule is measured for each in BENCHMARKS.md.
+
+**chunk_size.** Rows processed together (rounded up to a multiple of the pattern's row chunk, 16 for
+rowpair-16). ``None`` picks the largest chunk whose ``U`` and work buffers fit in 80% of the free memory of the
+device (``torch.cuda.mem_get_info``; on the CPU the available RAM), capped at ``M``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from sparsekit.errors import InputError, PatternError
+from sparsekit.hessian import damped_inverse
+from sparsekit.kernels.obs_linalg import LOW_PRECISION, baddbmm_, chol_inv_factor, tf32
+from sparsekit.patterns import Layout
+from sparsekit.pruners import PrunerOutput
+from sparsekit.pruners.scoring import best_subset, independent_choice, shared_scope_inverse, subsets
+
+log = logging.getLogger(__name__)
+
+__all__ = ["prune_true_obs", "TrueOBSChunk", "scaled_inverse", "per_row_sets", "ORDERS", "SCORINGS", "TF32_DEFAULT"]
+
+ORDERS = ("left_to_right", "largest_first")
+SCORINGS = ("independent", "joint")
+#: Largest subset count the ``joint`` scoring enumerates per scope.
+MAX_SUBSETS = 4096
+#: float32 ``c_dtype`` on CUDA runs the big GEMMs in TF32 (measured within 0.5% of float64: BENCHMARKS.md).
+TF32_DEFAULT = True
+#: Retries with a growing diagonal jitter when ``C_PP`` is not numerically positive definite (16-bit ``U``).
+_JITTER_STEPS = 6
+
+ProgressFn = Callable[[str], None] | None
+
+
+# ---- options ------------------------------------------------------------------------------------------------
+def check_c_dtype(c_dtype: Any) -> torch.dtype | None:
+    """``None`` or a floating ``torch.dtype`` (float16, bfloat16, float32, float64); else :class:`InputError`."""
+    if c_dtype is None:
+        return None
+    if not isinstance(c_dtype, torch.dtype) or not c_dtype.is_floating_point or c_dtype.itemsize < 2:
+        raise InputError(
+            f"c_dtype must be None or a floating torch dtype (torch.float16, torch.bfloat16, torch.float32, "
+            f"torch.float64), got {c_dtype!r}."
+        )
+    return c_dtype
+
+
+def _check_options(ng: Any, chunk_size: Any, order: Any, scoring: Any, c_dtype: Any) -> None:
+    if not isinstance(ng, int) or isinstance(ng, bool) or ng < 1:
+        raise InputError(f"ng (scopes per step) must be an int >= 1, got {ng!r}.")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise InputError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}.")
+    if order not in ORDERS:
+        raise InputError(f"order must be one of {ORDERS}, got {order!r}.")
+    if scoring not in SCORINGS:
+        raise InputError(f"scoring must be one of {SCORINGS}, got {scoring!r}.")
+    check_c_dtype(c_dtype)
+
+
+# ---- scaling ------------------------------------------------------------------------------------------------
+@dataclass
+class ScaledInverse:
+    """``C̃ = D C D`` with ``C = (H + Λ)⁻¹`` and ``D = sqrt(diag(H + Λ))`` (DESIGN.md §5)."""
+
+    C: Tensor  # (K, K) scaled damped inverse, symmetric
+    d: Tensor  # (K,) D
+    damp: float
+    steps: int
+
+
+def scaled_inverse(hessian: Tensor, damp: float, damp_mode: str) -> ScaledInverse:
+    """Damped inverse in scale-free coordinates; ``w̃ = w · d`` are the matching weights."""
+    inv = damped_inverse(hessian, damp, damp_mode)
+    d = inv.chol.square().sum(1).sqrt()  # (K,) sqrt(diag(L Lᵀ)) = sqrt(diag(H + Λ))
+    C = inv.inverse * d[:, None] * d[None, :]
+    C = (C + C.T) / 2
+    return ScaledInverse(C, d, inv.damp, inv.steps)
+
+
+# ---- the scopes of one chunk of rows ------------------------------------------------------------------------
+@dataclass
+class _Geometry:
+    rows: Tensor  # (Sc, B, e) row (within the chunk) of every element of every scope
+    cols: Tensor  # (Sc, B, e) column
+    groups: Tensor  # (G, Sg) scope ids of each row group (a row, or a row pair), in column order
+    row_local: bool  # every scope in one row (groups are rows, in row order)
+    num_prune: int  # blocks pruned per scope
+
+    @property
+    def blocks(self) -> int:
+        return self.rows.shape[1]
+
+    @property
+    def elems(self) -> int:
+        return self.rows.shape[2]
+
+
+def _geometry(layout: Layout, R: int, device: torch.device) -> _Geometry:
+    """Scopes of a chunk of ``R`` rows (``R`` a multiple of the pattern's chunk), grouped by the rows they span."""
+    t_rows, t_cols = layout.template  # (St, B, e)
+    cr = layout.chunk_rows
+    m = R // cr
+    offs = (torch.arange(m, device=device) * cr).view(m, 1, 1, 1)
+    rows = (t_rows.to(device).unsqueeze(0) + offs).reshape(-1, *t_rows.shape[1:])
+    cols = t_cols.to(device).unsqueeze(0).expand(m, *t_cols.shape).reshape(-1, *t_cols.shape[1:])
+    if not bool((rows == rows[..., :1]).all()):
+        raise PatternError(f"true-obs needs every block of pattern {layout.pattern.name!r} inside one row.")
+    flat_r, flat_c = rows.flatten(1), cols.flatten(1)
+    owner = flat_r.min(1).values  # (Sc,) first row of each scope
+    first = flat_c.min(1).values  # (Sc,) first column
+    order = torch.argsort(owner * (layout.num_cols + 1) + first, stable=True)
+    counts = torch.bincount(owner[order])
+    counts = counts[counts > 0]
+    if not bool((counts == counts[0]).all()):
+        raise PatternError(f"pattern {layout.pattern.name!r}: row groups hold different numbers of scopes.")
+    groups = order.view(len(counts), int(counts[0]))
+    row_local = bool((flat_r == flat_r[:, :1]).all()) and len(counts) == R
+    return _Geometry(rows, cols, groups, row_local, layout.num_prune)
+
+
+def per_row_sets(er: Tensor, ec: Tensor, R: int, uniform: bool) -> tuple[Tensor, Tensor | None]:
+    """Pruned elements ``(er, ec)`` (rows, columns) -> per-row column sets ``(P (R, q), valid (R, q) or None)``.
+
+    ``uniform``: the elements are grouped by row in row order, the same number per row (row-local patterns):
+    ``P`` is a view and ``valid`` None. Otherwise rows get different counts; ``P`` is padded to the largest
+    (padding points at column 0, ``valid`` False).
+    """
+    if uniform:
+        return ec.view(R, -1), None
+    srt = torch.argsort(er, stable=True)
+    er, ec = er[srt], ec[srt]
+    counts = torch.bincount(er, minlength=R)
+    q = int(counts.max())
+    start = counts.cumsum(0) - counts
+    at = torch.arange(er.numel(), device=er.device) - start[er]
+    P = torch.zeros(R, q, dtype=torch.long, device=er.device)
+    valid = torch.zeros(R, q, dtype=torch.bool, device=er.device)
+    P[er, at] = ec
+    valid[er, at] = True
+    return P, valid
+
+
+# ---- one chunk ----------------------------------------------------------------------------------------------
+class TrueOBSChunk:
+    """True OBS state of a chunk of ``R`` rows: weights, ``U`` (so that each row's ``C = C0 − U Uᵀ``), decisions.
+
+    All quantities are in the scaled coordinates (module docstring). :meth:`step` runs one step (pick ``ng``
+    scopes per row group, choose masks, update and downdate); :meth:`inverse` materialises each row's ``C``
+    (for tests).
+    """
+
+    def __init__(
+        self,
+        w: Tensor,
+        C0: Tensor,
+        geom: _Geometry,
+        scoring: str = "independent",
+        c_dtype: torch.dtype | None = None,
+    ) -> None:
+        R, K = w.shape
+        self.w = w  # (R, K) scaled weights, float32/float64
+        self.C0 = C0  # (K, K) scaled damped inverse, same dtype as w
+        self.geom = geom
+        self.scoring = scoring
+        self.c_dtype = c_dtype or w.dtype
+        G, Sg = geom.groups.shape
+        self.t_max = Sg * geom.num_prune * geom.elems  # most columns one row can prune
+        self.U = torch.empty(R, K, self.t_max, dtype=self.c_dtype, device=w.device)  # (R, K, t_max)
+        self.t = 0
+        self.pruned = torch.zeros(R, K, dtype=torch.bool, device=w.device)
+        self.remaining = torch.ones(G, Sg, dtype=torch.bool, device=w.device)
+        self.left = Sg  # undecided scopes per group (equal in every group)
+        self.steps = 0
+        self.jitter_steps = 0
+        if scoring == "independent":
+            self.diag = C0.diagonal().expand(R, K).clone()  # (R, K) diag of each row's C
+        else:
+            B, e, p = geom.blocks, geom.elems, geom.num_prune
+            if math.comb(B, p) > MAX_SUBSETS:
+                raise InputError(
+                    f"scoring='joint' would enumerate C({B}, {p}) = {math.comb(B, p)} subsets per scope; "
+                    "use scoring='independent' for this pattern."
+                )
+            self.subs = subsets(B, p, w.device)
+            self.blocks = shared_scope_inverse(C0, geom.rows, geom.cols)  # (Sc, n, n) each scope's C, per row
+            fr = geom.rows.flatten(1)
+            self.same_row = fr.unsqueeze(2) == fr.unsqueeze(1)  # (Sc, n, n)
+
+    # -- scoring --------------------------------------------------------------------------------------------
+    def choose(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Cheapest choice of the scopes ``ids (G, n)``: ``(cost (G, n), keep (G, n, B) bool)``."""
+        g = self.geom
+        r, c = g.rows[ids], g.cols[ids]  # (G, n, B, e)
+        wv = self.w[r, c]
+        if self.scoring == "independent":
+            return independent_choice(wv, self.diag[r, c], g.num_prune)
+        return best_subset(wv.flatten(-2), self.blocks[ids], g.blocks, g.num_prune, g.elems)
+
+    def select(self, ng: int, order: str) -> tuple[Tensor, Tensor, Tensor]:
+        """The step's scopes and masks: ``(pos (G, k) positions in groups, ids (G, k), keep (G, k, B))``."""
+        G, Sg = self.geom.groups.shape
+        k = min(ng, self.left)
+        if order == "left_to_right":
+            done = Sg - self.left
+            pos = torch.arange(done, done + k, device=self.w.device).expand(G, k)
+            ids = self.geom.groups[:, done : done + k]
+            _, keep = self.choose(ids)
+            return pos, ids, keep
+        pos_all = torch.arange(Sg, device=self.w.device).expand(G, Sg)
+        pos_rem = pos_all[self.remaining].view(G, self.left)
+        ids_rem = self.geom.groups.gather(1, pos_rem)
+        cost, keep = self.choose(ids_rem)  # (G, left), (G, left, B)
+        top = cost.topk(k, dim=1).indices  # (G, k) the most expensive first
+        keep = keep.gather(1, top.unsqueeze(-1).expand(-1, -1, keep.shape[-1]))
+        return pos_rem.gather(1, top), ids_rem.gather(1, top), keep
+
+    # -- the OBS update -------------------------------------------------------------------------------------
+    def _pruned_sets(self, ids: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Elements pruned by the step: ``(el_rows, el_cols, P (R, q), valid (R, q) or None)``."""
+        g = self.geom
+        drop = ~keep  # (G, k, B)
+        er = g.rows[ids][drop].flatten()  # (N,) rows; row-local: grouped by row, in row order
+        ec = g.cols[ids][drop].flatten()
+        return (er, ec, *per_row_sets(er, ec, self.w.shape[0], g.row_local))
+
+    def update(self, P: Tensor, valid: Tensor | None) -> None:
+        """Prune ``P (R, q)`` (column indices per row; ``valid`` marks real entries) by (2.1) and (2.2)."""
+        R, K = self.w.shape
+        q = P.shape[1]
+        ar = torch.arange(R, device=P.device).unsqueeze(1)
+        Gt = self.C0[P.flatten()].view(R, q, K)  # (R, q, K) C0_{P,:}
+        if self.t:
+            t = self.t
+            baddbmm_(Gt, self.U[ar, P, :t], self.U[:, :, :t].mT, alpha=-1.0)  # C_{P,:} = C0_{P,:} − U_P Uᵀ
+        if valid is not None:
+            Gt.mul_(valid.unsqueeze(2))
+        Cpp = Gt.gather(2, P.unsqueeze(1).expand(R, q, q))  # (R, q, q) C_PP
+        Cpp = (Cpp + Cpp.mT) / 2
+        if valid is not None:
+            Cpp.mul_(valid.unsqueeze(1) & valid.unsqueeze(2))
+            Cpp.diagonal(dim1=1, dim2=2).add_((~valid).to(Cpp.dtype))  # identity padding
+        X = self._factor(Cpp)  # (R, q, q) L⁻¹
+        wP = self.w.gather(1, P)  # (R, q)
+        if valid is not None:
+            wP = wP * valid
+        a = (X @ wP.unsqueeze(2)).squeeze(2)  # (R, q) L⁻¹ w_Pᵀ
+        Z = torch.bmm(Gt.mT, X.mT)  # (R, K, q) C_{:,P} L⁻ᵀ
+        self.w.sub_((Z @ a.unsqueeze(2)).squeeze(2))  # (2.1)
+        self.U[:, :, self.t : self.t + q] = Z  # (2.2) C ← C − Z Zᵀ
+        self.t += q
+        if self.scoring == "independent":
+            self.diag.sub_(torch.linalg.vector_norm(Z, dim=2).square())
+        else:
+            live = self.geom.groups[self.remaining]  # undecided scopes
+            g = self.geom
+            Zs = Z[g.rows[live].flatten(1), g.cols[live].flatten(1)]  # (S_live, n, q)
+            self.blocks[live] -= (Zs @ Zs.mT) * self.same_row[live]
+
+    def _factor(self, Cpp: Tensor) -> Tensor:
+        X, info = chol_inv_factor(Cpp)
+        bad = info > 0
+        jitter = 1e-6
+        for _ in range(_JITTER_STEPS):
+            if not bool(bad.any()):
+                return X
+            self.jitter_steps += 1
+            n_bad = int(bad.sum())
+            log.warning("C_PP not positive definite in %d rows (rounding of c_dtype=%s); adding %.0e·mean diag.",
+                        n_bad, self.c_dtype, jitter)
+            A = Cpp[bad]
+            A.diagonal(dim1=1, dim2=2).add_(jitter * A.diagonal(dim1=1, dim2=2).mean(1, keepdim=True))
+            Xb, ib = chol_inv_factor(A)
+            X[bad] = Xb
+            bad = bad.clone()
+            bad[bad.clone()] = ib > 0
+            jitter *= 10
+        raise InputError(
+            f"C_PP stayed indefinite after {_JITTER_STEPS} jitter steps: c_dtype={self.c_dtype} is too coarse for "
+            "this layer; use c_dtype=torch.float32 or a larger damp."
+        )
+
+    def step(self, ng: int, order: str) -> None:
+        """One True OBS step: pick ``ng`` scopes per row group, choose their masks, prune their union."""
+        pos, ids, keep = self.select(ng, order)
+        er, ec, P, valid = self._pruned_sets(ids, keep)
+        self.remaining.scatter_(1, pos, False)
+        self.left -= pos.shape[1]
+        self.update(P, valid)
+        self.pruned[er, ec] = True
+        self.w.masked_fill_(self.pruned, 0.0)
+        self.steps += 1
+
+    def inverse(self) -> Tensor:
+        """``(R, K, K)`` each row's current ``C`` in the original (unscaled) coordinates is ``D⁻¹ C̃ D⁻¹``; this
+        returns the scaled ``C̃ = C0 − U Uᵀ`` with the pruned rows and columns set to 0."""
+        U = self.U[:, :, : self.t].to(self.C0.dtype)
+        C = self.C0.unsqueeze(0) - U @ U.mT
+        keep = (~self.pruned).to(C.dtype)
+        return C * keep.unsqueeze(2) * keep.unsqueeze(1)
+
+
+# ---- driver -------------------------------------------------------------------------------------------------
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 8 * 2**30
+
+
+def _chunk_rows(layout: Layout, chunk_size: int | None, ng: int, c_dtype: torch.dtype, work: torch.dtype) -> int:
+    """Rows per chunk: ``chunk_size`` rounded up to the pattern's row chunk, or the largest that fits (None)."""
+    M, K = layout.num_rows, layout.num_cols
+    cr = layout.chunk_rows
+    if chunk_size is not None:
+        return min(M, -(-chunk_size // cr) * cr)
+    Sg = _geometry(layout, cr, layout.device).groups.shape[1]  # scopes per row group
+    e, p = layout.block_numel, layout.num_prune
+    t_max = min(K, Sg * p * e)
+    q = min(K, ng * p * e)
+    per_row = K * t_max * c_dtype.itemsize + 4 * K * q * torch.finfo(work).bits // 8 + 16 * K
+    free = 0.8 * _free_bytes(layout.device) - 3 * K * K * torch.finfo(work).bits // 8
+    rows = max(cr, int(free // per_row) // cr * cr)
+    return min(M, rows)
+
+
+def prune_true_obs(
+    weight: Tensor,
+    hessian: Tensor,
+    layout: Layout,
+    *,
+    damp: float = 0.01,
+    damp_mode: str = "mean",
+    progress_fn: ProgressFn = None,
+    ng: int = 64,
+    chunk_size: int | None = 16,
+    order: str = "left_to_right",
+    scoring: str = "independent",
+    c_dtype: torch.dtype | None = None,
+) -> PrunerOutput:
+    """True OBS (module docstring) on ``weight (M, K)`` with the undamped ``hessian (K, K)``.
+
+    Args:
+        ng: scopes per row group pruned per step (``ng = 1`` with ``joint``: exact greedy OBS).
+        chunk_size: rows processed together (memory O(chunk_size · K²)); ``None``: the most that fit.
+        order: ``"left_to_right"`` or ``"largest_first"``.
+        scoring: ``"independent"`` (``w²/C_jj`` per element) or ``"joint"`` (enumerate subsets).
+        c_dtype: storage dtype of the per-row factors ``U`` (``None``: the working dtype, TF32 GEMMs on CUDA).
+    Raises:
+        InputError: bad options; a pattern with too many subsets for ``joint``.
+    """
+    _check_options(ng, chunk_size, order, scoring, c_dtype)
+    M, K = weight.shape
+    work = weight.dtype
+    c = c_dtype or work
+    inv = scaled_inverse(hessian, damp, damp_mode)
+    W = weight.mul_(inv.d)  # (M, K) scaled weights, in place on the private copy
+    pruned = torch.zeros(M, K, dtype=torch.bool, device=weight.device)
+    stats: dict[str, Any] = {"damp_steps": inv.steps, "ng": ng, "order": order, "scoring": scoring,
+                             "c_dtype": str(c).replace("torch.", ""), "steps": 0, "jitter_steps": 0}
+    if layout.num_prune == 0:
+        return PrunerOutput(W.div_(inv.d), ~pruned, inv.damp, stats)
+    R = _chunk_rows(layout, chunk_size, ng, c, work)
+    use_tf32 = weight.is_cuda and ((c == torch.float32 and TF32_DEFAULT) or c in LOW_PRECISION)
+    stats.update(chunk_size=R, tf32=bool(use_tf32))
+    geoms: dict[int, _Geometry] = {}
+    t0 = time.perf_counter()
+    with tf32(use_tf32) if weight.is_cuda else contextlib.nullcontext():
+        for r0 in range(0, M, R):
+            r1 = min(M, r0 + R)
+            if r1 - r0 not in geoms:
+                geoms[r1 - r0] = _geometry(layout, r1 - r0, weight.device)
+            chunk = TrueOBSChunk(W[r0:r1].clone(), inv.C, geoms[r1 - r0], scoring, c)
+            while chunk.left:
+                chunk.step(ng, order)
+            W[r0:r1] = chunk.w
+            pruned[r0:r1] = chunk.pruned
+            stats["steps"] += chunk.steps
+            stats["jitter_steps"] += chunk.jitter_steps
+            del chunk
+            if progress_fn is not None:
+                el = time.perf_counter() - t0
+                progress_fn(f"true-obs: rows {r1}/{M}, {el:.1f}s elapsed, ETA {el / r1 * (M - r1):.1f}s")
+    W.div_(inv.d).masked_fill_(pruned, 0.0)
+    return PrunerOutput(W, ~pruned, inv.damp, stats)
+
+
