@@ -214,8 +214,15 @@ class TrueOBSChunk:
         self.c_dtype = c_dtype or w.dtype
         G, Sg = geom.groups.shape
         self.t_max = Sg * geom.num_prune * geom.elems  # most columns one row can prune
-        self.U = torch.empty(R, K, self.t_max, dtype=self.c_dtype, device=w.device)  # (R, K, t_max)
-        self.t = 0
+        # Row-local patterns: every row prunes q columns per step and U is filled in lockstep. Otherwise each row
+        # appends only its own columns at its own offset t_row (padding is never stored, so the GEMMs run over the
+        # largest row's count, not the sum of padded steps); U's columns past a row's offset must then be zero, and
+        # one extra column (index t_max, never read) takes the padded entries' (zero) writes.
+        extra = 0 if geom.row_local else 1
+        alloc = torch.empty if geom.row_local else torch.zeros
+        self.U = alloc(R, K, self.t_max + extra, dtype=self.c_dtype, device=w.device)  # (R, K, t_max [+ 1])
+        self.t = 0  # columns of U in use (the largest row's count)
+        self.t_row = torch.zeros(R, dtype=torch.long, device=w.device)  # (R,) columns used by each row
         self.pruned = torch.zeros(R, K, dtype=torch.bool, device=w.device)
         self.remaining = torch.ones(G, Sg, dtype=torch.bool, device=w.device)
         self.left = Sg  # undecided scopes per group (equal in every group)
@@ -295,8 +302,14 @@ class TrueOBSChunk:
         a = (X @ wP.unsqueeze(2)).squeeze(2)  # (R, q) L⁻¹ w_Pᵀ
         Z = torch.bmm(Gt.mT, X.mT)  # (R, K, q) C_{:,P} L⁻ᵀ
         self.w.sub_((Z @ a.unsqueeze(2)).squeeze(2))  # (2.1)
-        self.U[:, :, self.t : self.t + q] = Z  # (2.2) C ← C − Z Zᵀ
-        self.t += q
+        if valid is None:  # (2.2) C ← C − Z Zᵀ
+            self.U[:, :, self.t : self.t + q] = Z
+            self.t += q
+        else:  # a row's real columns come first in P; Z's padded columns are exactly zero and go to column t_max
+            dest = (self.t_row.unsqueeze(1) + torch.arange(q, device=P.device)).masked_fill_(~valid, self.t_max)
+            self.U.scatter_(2, dest.unsqueeze(1).expand(R, K, q), Z.to(self.c_dtype))
+            self.t_row += valid.sum(1)
+            self.t = int(self.t_row.max())
         if self.scoring == "independent":
             self.diag.sub_(torch.linalg.vector_norm(Z, dim=2).square())
         else:
@@ -350,8 +363,9 @@ class TrueOBSChunk:
 
 # ---- driver -------------------------------------------------------------------------------------------------
 def _free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cuda":  # free on the device plus what torch's caching allocator holds unused
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0] + cached)
     try:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
