@@ -20,11 +20,14 @@ transformers = pytest.importorskip("transformers")
 
 from sparsekit import InputError, PatternError, check_mask  # noqa: E402
 from sparsekit.pipeline import (  # noqa: E402
+    DEFAULT_METHOD,
+    DEFAULT_OPTIONS,
     PROGRESS_FILE,
     SKIP,
     ModelReport,
     PruneConfig,
     Rule,
+    config_from_args,
     find_blocks,
     load_model_checked,
     parse_options,
@@ -127,7 +130,7 @@ def test_saved_model_reloads_identically(kind: str, tmp_path) -> None:
     for name, lin in block_linears(loaded).items():
         check_mask(lin.weight != 0, "2:4")
     rep = json.loads((tmp_path / "sparsekit_report.json").read_text())
-    assert len(rep["layers"]) == len(report.layers) and rep["layers"][0]["method"] == "sparsegpt"
+    assert len(rep["layers"]) == len(report.layers) and rep["layers"][0]["method"] == DEFAULT_METHOD
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -247,7 +250,7 @@ def test_rules_first_match_wins_and_skip() -> None:
             assert torch.equal(lin.weight != 0, expect.view_as(w0))
             assert torch.equal(lin.weight[lin.weight != 0], w0[lin.weight != 0])  # no update
         else:
-            assert by[name].method == "sparsegpt" and by[name].pattern == "2:4"
+            assert by[name].method == DEFAULT_METHOD and by[name].pattern == "2:4"
             check_mask(lin.weight != 0, "2:4")
 
 
@@ -355,7 +358,13 @@ def test_cli_unknown_model_fails_clearly_before_any_work(tmp_path) -> None:
 
 def test_cli_defaults() -> None:
     args = _parser().parse_args(["prune"])
-    assert (args.model, args.pattern, args.method, args.calib) == ("minilm", "2:4", "sparsegpt", "mixed")
+    assert (args.model, args.pattern, args.calib) == ("minilm", "2:4", "mixed")
+    cfg = config_from_args(args)  # no --method: the default method with its quality options
+    assert cfg.method == DEFAULT_METHOD == "true-obs" and dict(cfg.options) == DEFAULT_OPTIONS
+    cfg = config_from_args(_parser().parse_args(["prune", "--option", "ng=4", "--option", "damp=0.1"]))
+    assert cfg.options["ng"] == 4 and cfg.options["order"] == "largest_first" and cfg.damp == 0.1
+    cfg = config_from_args(_parser().parse_args(["prune", "--method", "sparsegpt"]))
+    assert cfg.method == "sparsegpt" and dict(cfg.options) == {}
     args = _parser().parse_args(["prune", "--rule", "mlp=magnitude:4:8", "--option", "blocksize=64", "--resume"])
     assert args.rule == ["mlp=magnitude:4:8"] and args.option == ["blocksize=64"] and args.resume
 
