@@ -217,10 +217,13 @@ class TrueOBSChunk:
         # Row-local patterns: every row prunes q columns per step and U is filled in lockstep. Otherwise each row
         # appends only its own columns at its own offset t_row (padding is never stored, so the GEMMs run over the
         # largest row's count, not the sum of padded steps); U's columns past a row's offset must then be zero, and
-        # one extra column (index t_max, never read) takes the padded entries' (zero) writes.
+        # one extra column (index t_max, never read) takes the padded entries' (zero) writes. The allocated width
+        # is a multiple of 16 so that U's rows stay aligned for the tensor-core GEMMs (an odd leading dimension
+        # sends cuBLAS to slow fallback kernels: 3× on rowpair-16, measured).
         extra = 0 if geom.row_local else 1
+        width = -(-(self.t_max + extra) // 16) * 16
         alloc = torch.empty if geom.row_local else torch.zeros
-        self.U = alloc(R, K, self.t_max + extra, dtype=self.c_dtype, device=w.device)  # (R, K, t_max [+ 1])
+        self.U = alloc(R, K, width, dtype=self.c_dtype, device=w.device)  # (R, K, width >= t_max [+ 1])
         self.t = 0  # columns of U in use (the largest row's count)
         self.t_row = torch.zeros(R, dtype=torch.long, device=w.device)  # (R,) columns used by each row
         self.pruned = torch.zeros(R, K, dtype=torch.bool, device=w.device)
