@@ -339,6 +339,8 @@ class TrueOBSChunk:
             bad = bad.clone()
             bad[bad.clone()] = ib > 0
             jitter *= 10
+        if not bool(bad.any()):
+            return X
         raise InputError(
             f"C_PP stayed indefinite after {_JITTER_STEPS} jitter steps: c_dtype={self.c_dtype} is too coarse for "
             "this layer; use c_dtype=torch.float32 or a larger damp."
