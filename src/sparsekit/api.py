@@ -16,6 +16,7 @@ from sparsekit.hessian import check_hessian
 from sparsekit.metrics import relative_error
 from sparsekit.patterns import Layout, Pattern, check_mask, get_pattern
 from sparsekit.pruners import get_pruner
+from sparsekit.pruners.refine import check_refine_options, refine_result
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,9 @@ def prune_weight(
     damp_mode: str = "mean",
     inplace: bool = False,
     progress_fn: Callable[[str], None] | None = None,
+    refine: str | None = None,
+    refit: bool = False,
+    max_sweeps: int = 256,
     **options: Any,
 ) -> PruneResult:
     """Prune ``weight (M, K)`` to ``pattern`` minimising ``‖X (W' − W)ᵀ‖²`` given ``hessian = XᵀX/N (K, K)``.
@@ -104,6 +108,14 @@ def prune_weight(
         damp_mode: ``"mean"`` (``λ I``) or ``"diag"`` (``damp · diag H``).
         inplace: write the result into ``weight``.
         progress_fn: called with short progress messages by long-running methods.
+        refine: ``"swap"``: after the method, best-improvement in-scope swap search with exact loss changes
+            (:func:`sparsekit.pruners.refine.swap_search`), then an exact refit; ``None``: off.
+        refit: after the method (and ``refine``), refit the kept weights exactly for the final mask.
+            Both optimise the damped objective (``H`` + the ``damp`` rule) and are kept only if the loss through
+            the undamped ``H`` does not increase; their effect is recorded in ``stats``.
+        max_sweeps: budget of swap sweeps, an int ``>= 0``; a sweep applies at most one swap per row (or row
+            pair), so this bounds the swaps per row. Measured on real 2:4 layers the search ends by itself within
+            ~140 sweeps from True OBS's mask and ~100 from ADMM's.
         **options: method options (e.g. ``blocksize`` for SparseGPT); unknown ones raise :class:`InputError`.
     """
     _check_weight(weight)
@@ -121,6 +133,7 @@ def prune_weight(
     layout: Layout = pat.resolve(M, K, device=weight.device)
     fn = get_pruner(method)
     _check_options(fn, method, options)
+    check_refine_options(refine, refit, max_sweeps)
 
     dtype = torch.float64 if torch.float64 in (weight.dtype, hessian.dtype) else torch.float32
     w0 = weight.detach().to(dtype)
@@ -128,14 +141,23 @@ def prune_weight(
     _sync(weight.device)
     t0 = time.perf_counter()
     out = fn(w0.clone(), h, layout, damp=damp, damp_mode=damp_mode, progress_fn=progress_fn, **options)
-    _sync(weight.device)
-    elapsed = time.perf_counter() - t0
-
     mask = out.mask.bool()
     check_mask(mask, layout)
     new = out.weight.masked_fill(~mask, 0.0)
     if not torch.isfinite(new).all():
         raise InputError(f"method {method!r} produced NaN/Inf; raise damp (now {damp}) or use float64 inputs.")
+    stats = dict(out.stats)
+    if refine is not None or refit:
+        _sync(weight.device)
+        t1 = time.perf_counter()
+        new, mask, st = refine_result(w0, h, layout, new, mask, refine=refine, refit_weights=refit,
+                                      max_sweeps=max_sweeps, damp=damp, damp_mode=damp_mode, progress_fn=progress_fn)
+        _sync(weight.device)
+        stats.update(st, refine_time_s=time.perf_counter() - t1)
+        check_mask(mask, layout)
+        new = new.masked_fill(~mask, 0.0)
+    _sync(weight.device)
+    elapsed = time.perf_counter() - t0
     loss = relative_error(w0, new, h)
     log.debug("%s %s (%d, %d): loss %.4f in %.3fs", method, pat.name, M, K, loss, elapsed)
     new = new.to(weight.dtype)
@@ -143,4 +165,4 @@ def prune_weight(
         with torch.no_grad():
             weight.copy_(new)
         new = weight
-    return PruneResult(new, mask, loss, method, pat.name, elapsed, out.damp, dict(out.stats))
+    return PruneResult(new, mask, loss, method, pat.name, elapsed, out.damp, stats)

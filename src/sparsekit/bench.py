@@ -72,7 +72,7 @@ class Variant:
     key: str  # CLI name, e.g. "obs-interleaved=64"
     label: str  # table label, e.g. "OBS interleaved=64"
     method: str  # a name in sparsekit.pruners.METHODS
-    options: tuple[tuple[str, Any], ...] = ()  # keyword options, as sorted items (hashable)
+    options: tuple[tuple[str, Any], ...] = ()  # keyword options, as sorted items (hashable unless a value is not)
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -100,8 +100,19 @@ VARIANTS: dict[str, Variant] = {
         _v("admm", "ADMM", "admm"),
         _v("true-obs-l2r", "True OBS ng=256 L2R", "true-obs", ng=256, order="left_to_right"),
         _v("true-obs", "True OBS ng=256 largest-first", "true-obs", ng=256, order="largest_first"),
+        # beyond the seed (issue 8): refit / swap refinement of any method, ADMM warm-started from True OBS
+        _v("sparsegpt+refit", "SparseGPT + refit", "sparsegpt", refit=True),
+        _v("true-obs-16", "True OBS ng=16 largest-first", "true-obs", ng=16, order="largest_first"),
+        _v("true-obs+refit", "True OBS ng=16 + refit", "true-obs", ng=16, order="largest_first", refit=True),
+        _v("true-obs+swap", "True OBS ng=16 + swap", "true-obs", ng=16, order="largest_first", refine="swap"),
+        _v("admm-true-obs", "ADMM (True OBS init)", "admm", init="true-obs",
+           init_options={"ng": 16, "order": "largest_first"}),
+        _v("admm-true-obs+swap", "ADMM (True OBS init) + swap", "admm", init="true-obs",
+           init_options={"ng": 16, "order": "largest_first"}, refine="swap"),
     ]
 }
+#: options of :func:`sparsekit.prune_weight` itself that a variant may set for any method
+REFINE_OPTIONS = ("refine", "refit", "max_sweeps")
 #: label of the baseline every table compares against
 BASELINE = "SparseGPT"
 
@@ -182,6 +193,7 @@ def variant_status(variant: Variant) -> str | None:
     except (ImportError, AttributeError) as e:
         return f"cannot import {METHODS[variant.method]}: {type(e).__name__}: {e}"
     accepted = [n for n, p in inspect.signature(fn).parameters.items() if p.kind == p.KEYWORD_ONLY]
+    accepted += REFINE_OPTIONS
     unknown = [k for k in variant.kwargs if k not in accepted]
     if unknown:
         return f"{variant.method} does not take {', '.join(unknown)} (it takes {', '.join(accepted)})"
