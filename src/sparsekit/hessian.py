@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 from torch import Tensor
@@ -16,7 +17,7 @@ from sparsekit.errors import HessianError, InputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HessianAccumulator", "damping_value", "damped_inverse", "DampedInverse", "check_hessian"]
+__all__ = ["HessianAccumulator", "damping_value", "damped_inverse", "damped_hessian", "DampedInverse", "check_hessian"]
 
 #: Damping escalation: each Cholesky failure multiplies the relative damping by this factor ...
 DAMP_GROWTH = 10.0
@@ -85,6 +86,7 @@ def damping_value(hessian: Tensor, damp: float) -> float:
 
 
 DAMP_MODES = ("mean", "diag")
+T = TypeVar("T")
 
 
 @dataclass
@@ -96,6 +98,54 @@ class DampedInverse:
     damp: float  # relative damping actually used (λ / mean(diag H) in mode "mean", the factor in mode "diag")
     steps: int  # number of escalations needed
     upper: Tensor | None = None  # (K, K) upper Cholesky factor U of C (C = UᵀU), if asked for
+
+
+def _escalate(
+    hessian: Tensor, damp: float, damp_mode: str, max_steps: int, factor: Callable[[Tensor], T | None]
+) -> tuple[T, float, int]:
+    """The damping rule with step-by-step escalation: ``(factor(H + Λ), relative damping, escalations)``.
+
+    ``factor`` returns ``None`` when ``H + Λ`` fails it (a Cholesky factorisation, say); the damping then grows
+    by ``DAMP_GROWTH`` (logged) up to ``max_steps`` times, past which :class:`HessianError` is raised.
+    Dead inputs (``H_jj = 0``) get ``H_jj = 1`` first.
+    """
+    if damp_mode not in DAMP_MODES:
+        raise InputError(f"damp_mode must be one of {DAMP_MODES}, got {damp_mode!r}.")
+    if damp_mode == "diag" and not 0 <= damp < 1:
+        raise InputError(f"damp_mode='diag' needs 0 <= damp < 1, got {damp}.")
+    h = hessian.clone()
+    dead = h.diagonal() == 0
+    h.diagonal()[dead] = 1.0
+    mean_diag = h.diagonal().mean().item()
+    lam = damping_value(h, damp) if damp_mode == "mean" else damp
+    for step in range(max_steps + 1):
+        hd = h.clone()
+        if damp_mode == "mean":
+            hd.diagonal().add_(lam)
+        else:
+            hd.diagonal().mul_(1.0 + lam)
+        rel = lam / mean_diag if damp_mode == "mean" else lam
+        out = factor(hd)
+        if out is not None:
+            if step:
+                log.warning("Cholesky succeeded with relative damping %.3g after %d escalations.", rel, step)
+            return out, rel, step
+        new = lam * DAMP_GROWTH if lam > 0 else 1e-8 * (mean_diag if damp_mode == "mean" else 1.0)
+        log.warning("Cholesky of the damped H failed at relative damping %.3g; raising it to %.3g.",
+                    rel, new / mean_diag if damp_mode == "mean" else new)
+        lam = new
+    raise HessianError(
+        f"the damped Hessian is not positive definite even at relative damping {rel:.3g} after {max_steps} "
+        "escalations: H is not PSD (not XᵀX of real inputs) or is badly conditioned; check it or pass a larger damp."
+    )
+
+
+def damped_hessian(
+    hessian: Tensor, damp: float = 0.01, damp_mode: str = "mean", max_steps: int = MAX_DAMP_STEPS
+) -> tuple[Tensor, float, int]:
+    """``(H + Λ (K, K), relative damping used, escalations)``: the rule of :func:`damped_inverse`, no inverse."""
+    return _escalate(hessian, damp, damp_mode, max_steps,
+                     lambda hd: hd if torch.linalg.cholesky_ex(hd).info.item() == 0 else None)
 
 
 def damped_inverse(
@@ -117,37 +167,16 @@ def damped_inverse(
     :class:`HessianError` names the damping tried. With ``upper=True`` the upper Cholesky factor of ``C``
     (SparseGPT's ``Hinv``) is computed too, and its failure escalates the damping the same way.
     """
-    if damp_mode not in DAMP_MODES:
-        raise InputError(f"damp_mode must be one of {DAMP_MODES}, got {damp_mode!r}.")
-    if damp_mode == "diag" and not 0 <= damp < 1:
-        raise InputError(f"damp_mode='diag' needs 0 <= damp < 1, got {damp}.")
-    h = hessian.clone()
-    dead = h.diagonal() == 0
-    h.diagonal()[dead] = 1.0
-    mean_diag = h.diagonal().mean().item()
-    lam = damping_value(h, damp) if damp_mode == "mean" else damp
-    for step in range(max_steps + 1):
-        hd = h.clone()
-        if damp_mode == "mean":
-            hd.diagonal().add_(lam)
-        else:
-            hd.diagonal().mul_(1.0 + lam)
+
+    def factor(hd: Tensor) -> tuple[Tensor, Tensor, Tensor | None] | None:
         chol, info = torch.linalg.cholesky_ex(hd)
-        rel = lam / mean_diag if damp_mode == "mean" else lam
-        if info.item() == 0:
-            inv = torch.cholesky_inverse(chol).mT  # symmetric; .mT of the column-major result is row-major
-            up = None
-            if upper:
-                up, info = torch.linalg.cholesky_ex(inv, upper=True)
-            if info.item() == 0:
-                if step:
-                    log.warning("Cholesky succeeded with relative damping %.3g after %d escalations.", rel, step)
-                return DampedInverse(inv, chol, rel, step, up)
-        new = lam * DAMP_GROWTH if lam > 0 else 1e-8 * (mean_diag if damp_mode == "mean" else 1.0)
-        log.warning("Cholesky of the damped H failed at relative damping %.3g; raising it to %.3g.",
-                    rel, new / mean_diag if damp_mode == "mean" else new)
-        lam = new
-    raise HessianError(
-        f"the damped Hessian is not positive definite even at relative damping {rel:.3g} after {max_steps} "
-        "escalations: H is not PSD (not XᵀX of real inputs) or is badly conditioned; check it or pass a larger damp."
-    )
+        if info.item() != 0:
+            return None
+        inv = torch.cholesky_inverse(chol).mT  # symmetric; .mT of the column-major result is row-major
+        if not upper:
+            return inv, chol, None
+        up, info = torch.linalg.cholesky_ex(inv, upper=True)
+        return (inv, chol, up) if info.item() == 0 else None
+
+    (inv, chol, up), rel, steps = _escalate(hessian, damp, damp_mode, max_steps, factor)
+    return DampedInverse(inv, chol, rel, steps, up)

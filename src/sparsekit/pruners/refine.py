@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from sparsekit.errors import HessianError, InputError
-from sparsekit.hessian import DAMP_GROWTH, DAMP_MODES, MAX_DAMP_STEPS, damping_value
+from sparsekit.hessian import damped_hessian
 from sparsekit.metrics import relative_error
 from sparsekit.patterns import Layout
 
@@ -74,41 +74,6 @@ CHUNK_BYTES_CUDA = 4 * 2**30
 
 def _chunk_bytes(device: torch.device) -> int:
     return CHUNK_BYTES_CUDA if device.type == "cuda" else CHUNK_BYTES_CPU
-
-
-# ---- damping -------------------------------------------------------------------------------------------------
-def damped_hessian(hessian: Tensor, damp: float = 0.01, damp_mode: str = "mean") -> tuple[Tensor, float, int]:
-    """``H_d = H + Λ`` with the rule (and escalation) of :func:`sparsekit.hessian.damped_inverse`.
-
-    Dead inputs (``H_jj = 0``) get ``H_jj = 1`` first. Returns ``(H_d (K, K), relative damping used, escalations)``;
-    raises :class:`HessianError` if ``H_d`` is not positive definite past ``MAX_DAMP_STEPS`` escalations.
-    """
-    if damp_mode not in DAMP_MODES:
-        raise InputError(f"damp_mode must be one of {DAMP_MODES}, got {damp_mode!r}.")
-    if damp_mode == "diag" and not 0 <= damp < 1:
-        raise InputError(f"damp_mode='diag' needs 0 <= damp < 1, got {damp}.")
-    h = hessian.clone()
-    dead = h.diagonal() == 0
-    h.diagonal()[dead] = 1.0
-    mean_diag = h.diagonal().mean().item()
-    lam = damping_value(h, damp) if damp_mode == "mean" else damp
-    for step in range(MAX_DAMP_STEPS + 1):
-        hd = h.clone()
-        if damp_mode == "mean":
-            hd.diagonal().add_(lam)
-        else:
-            hd.diagonal().mul_(1.0 + lam)
-        rel = lam / mean_diag if damp_mode == "mean" else lam
-        if torch.linalg.cholesky_ex(hd).info.item() == 0:
-            if step:
-                log.warning("H + damping is positive definite at relative damping %.3g after %d escalations.",
-                            rel, step)
-            return hd, rel, step
-        lam = lam * DAMP_GROWTH if lam > 0 else 1e-8 * (mean_diag if damp_mode == "mean" else 1.0)
-    raise HessianError(
-        f"the damped Hessian is not positive definite even at relative damping {rel:.3g}: H is not PSD or is "
-        "badly conditioned; check it or pass a larger damp."
-    )
 
 
 def _scaled(hd: Tensor) -> tuple[Tensor, Tensor]:
