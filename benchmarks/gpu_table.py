@@ -35,6 +35,8 @@ TABLE: dict[str, tuple[str, str, dict[str, Any], float, float]] = {
                               dict(ng=16, order="largest_first", chunk_size=None, c_dtype=torch.bfloat16), 433, 15),
     "true-obs-rowpair-bf16": ("rowpair-16", "true-obs",
                               dict(ng=16, order="largest_first", chunk_size=None, c_dtype=torch.bfloat16), 215, 10),
+    "admm-2:4": ("2:4", "admm", dict(init="true-obs", tf32=True, init_options=dict(
+        ng=256, order="largest_first", chunk_size=None, c_dtype=torch.bfloat16)), 52, 10),  # "seed": published ALPS
     "interleaved-64": ("2:4", "obs-interleaved", dict(n_splits=64), 6.0, 1),
     "obs-ord": ("2:4", "obs-ord", dict(ng=256), 14.8, 2),
     "sparsegpt": ("2:4", "sparsegpt", {}, 1.1, 0.5),
@@ -63,6 +65,8 @@ def run_one(key: str, W: torch.Tensor, H: torch.Tensor, repeats: int, check_rows
         n = check_rows
         fast = prune_weight(W[:n], H, pattern, method, **opts).loss
         o64 = {k: v for k, v in opts.items() if k != "c_dtype"}
+        if "init_options" in o64:
+            o64["init_options"] = {k: v for k, v in o64["init_options"].items() if k != "c_dtype"}
         ref = prune_weight(W[:n].double(), H.double(), pattern, method, **o64).loss
         row.update(check_rows=n, check_loss=fast, check_loss_fp64=ref, check_rel=fast / ref - 1)
     return row
