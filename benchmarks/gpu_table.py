@@ -1,6 +1,7 @@
 """The GPU performance table of issue 6 at the seed's shape (W 2560×9728, synthetic H), in one run.
 
     PYTHONPATH=src python3 benchmarks/gpu_table.py [--only KEY ...] [--repeats 3] [--check-rows 128] [--out DIR]
+        [--rows N] [--profile KEY ...]
 
 For every row of the table: one warm-up, ``--repeats`` timed runs (median reported, CUDA synchronised, the time of
 :func:`sparsekit.prune_weight`), peak GPU memory, and the quality check the issue asks for: the same algorithm on
@@ -23,8 +24,8 @@ import torch
 from sparsekit import prune_weight
 from sparsekit.data.synthetic import seed_shape_layer
 
-#: key -> (pattern, method, options, seed time in s, target in s)
-TABLE: dict[str, tuple[str, str, dict[str, Any], float, float]] = {
+#: key -> (pattern, method, options, seed time in s, target in s); None: no published time / no target
+TABLE: dict[str, tuple[str, str, dict[str, Any], float | None, float | None]] = {
     "true-obs-2:4": ("2:4", "true-obs", dict(ng=256, order="largest_first", chunk_size=None), 105, 5),
     "true-obs-2:4-bf16": (
         "2:4", "true-obs", dict(ng=256, order="largest_first", chunk_size=None, c_dtype=torch.bfloat16), 105, 5),
@@ -37,6 +38,11 @@ TABLE: dict[str, tuple[str, str, dict[str, Any], float, float]] = {
                               dict(ng=16, order="largest_first", chunk_size=None, c_dtype=torch.bfloat16), 215, 10),
     "admm-2:4": ("2:4", "admm", dict(init="true-obs", tf32=True, init_options=dict(
         ng=256, order="largest_first", chunk_size=None, c_dtype=torch.bfloat16)), 52, 10),  # "seed": published ALPS
+    "admm-2:4+swap": ("2:4", "admm", dict(init="true-obs", tf32=True, refine="swap", init_options=dict(
+        ng=256, order="largest_first", chunk_size=None, c_dtype=torch.bfloat16)), 52, 10),
+    **{f"admm-{p}": (p, "admm", dict(init="true-obs", tf32=True, init_options=dict(
+        ng=16, order="largest_first", chunk_size=None, c_dtype=torch.bfloat16)), None, None)
+       for p in ("2:4-pairs", "coupled-2:4", "rowpair-16")},  # no published time, no target: reported only
     "interleaved-64": ("2:4", "obs-interleaved", dict(n_splits=64), 6.0, 1),
     "obs-ord": ("2:4", "obs-ord", dict(ng=256), 14.8, 2),
     "sparsegpt": ("2:4", "sparsegpt", {}, 1.1, 0.5),
@@ -79,14 +85,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--check-rows", type=int, default=128, help="rows of the float64 check (0: none)")
     ap.add_argument("--shape", nargs=2, type=int, default=(2560, 9728), metavar=("M", "K"))
+    ap.add_argument("--rows", type=int, default=None, help="time only the first ROWS rows (methods too slow for all)")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--profile", nargs="*", default=[], choices=list(TABLE), help="also profile one run of these")
     args = ap.parse_args()
     t0 = time.time()
     lay = seed_shape_layer(*args.shape, device="cuda")
-    W, H = lay.weight, lay.hessian
+    W, H = lay.weight[: args.rows], lay.hessian
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "shape": list(args.shape), "repeats": args.repeats, "warmup": args.warmup}
+            "shape": list(args.shape), "rows": W.shape[0], "repeats": args.repeats, "warmup": args.warmup}
     print(json.dumps(meta), flush=True)
     rows = []
     print("| method | pattern | options | seed | target | ours (median) | peak GiB | loss | fp64 check |", flush=True)
@@ -100,7 +107,9 @@ def main() -> None:
             continue
         rows.append(row)
         chk = f"{row['check_rel']:+.3%} ({row['check_rows']} rows)" if "check_rel" in row else "-"
-        print(f"| {row['method']} | {row['pattern']} | {row['options']} | {row['seed_s']} s | ≤ {row['target_s']} s "
+        seed = "-" if row["seed_s"] is None else f"{row['seed_s']} s"
+        target = "-" if row["target_s"] is None else f"≤ {row['target_s']} s"
+        print(f"| {row['method']} | {row['pattern']} | {row['options']} | {seed} | {target} "
               f"| {row['median_s']:.2f} s | {row['peak_gib']:.1f} | {row['loss']:.4%} | {chk} |", flush=True)
         if args.out:
             with open(os.path.join(args.out, "gpu_table.json"), "w") as f:

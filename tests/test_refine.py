@@ -58,6 +58,35 @@ def test_refit_equals_float64_least_squares(pattern, M, K, solver):
         assert torch.allclose(out, ref, atol=1e-9 * ref.abs().max().item(), rtol=0)
 
 
+def test_refit_cg_tf32_flag_is_inert_on_cpu():
+    """tf32 only switches CUDA matmuls: on the CPU the CG iterates are bit-identical with it on or off."""
+    W, H, _ = tiny_problem(4, 64, seed=2)
+    layout = get_pattern("2:4").resolve(4, 64)
+    mask = _random_mask(layout, 0)
+    a, sa = refit(W.float(), _hd(H).float(), mask, solver="cg", tf32=True)
+    b, sb = refit(W.float(), _hd(H).float(), mask, solver="cg", tf32=False)
+    assert torch.equal(a, b) and sa == sb and sa["refit_cg_iters"] > 10
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tf32", [False, True])
+def test_refit_cg_on_cuda_reaches_the_float64_least_squares(tf32):
+    """CUDA CG in float32, with TF32 products in its iterations or not: the float32 residual checks keep it at
+    float32 accuracy (same loss as the float64 solve to 1e-5, weights to 1e-3 of their scale)."""
+    W, H, _ = tiny_problem(64, 1024, seed=5)
+    layout = get_pattern("2:4").resolve(64, 1024)
+    Hd = _hd(H)
+    mask = _random_mask(layout, 0)
+    ref = refit_oracle(W, Hd, mask)
+    out, stats = refit(W.float().cuda(), Hd.float().cuda(), mask.cuda(), solver="cg", tf32=tf32)
+    out = out.double().cpu()
+    assert stats["refit_cg_residual"] < 1e-4
+    assert (out[~mask] == 0).all()
+    loss = lambda w: ((w - W) @ Hd * (w - W)).sum().item()  # noqa: E731
+    assert abs(loss(out) / loss(ref) - 1) < 1e-5
+    assert (out - ref).abs().max() < 1e-3 * ref.abs().max()
+
+
 def test_refit_with_undamped_full_rank_H_is_the_plain_least_squares():
     W, H, X = tiny_problem(4, 24, seed=1)
     res = prune_weight(W, H, "2:4", "magnitude", refit=True, damp=0.0)

@@ -167,8 +167,9 @@ def prune_admm(
         patience: stop once the mask has been unchanged for this many consecutive iterations.
         rho_every: iterations between penalty increases.
         refit_solver: ``"auto" | "direct" | "cg"`` for the final exact refit (see :func:`refine.refit`).
-        tf32: TF32 for the float32 matmuls of the ADMM iterations on CUDA, on (True) or off (False) whatever the
-            global setting (:func:`sparsekit.kernels.obs_linalg.tf32`); the final refit and the loss never use it.
+        tf32: TF32 for the float32 matmuls of the ADMM iterations and of the final refit's CG iterations on CUDA,
+            on (True) or off (False) whatever the global setting (:func:`sparsekit.kernels.obs_linalg.tf32`); the
+            refit's convergence test (its true residual) and the loss never use it.
     """
     init_options = {} if init_options is None else init_options
     _check_options(init, init_options, rho, iters, patience, rho_every, refit_solver, tf32)
@@ -187,7 +188,7 @@ def prune_admm(
             w0 * d, hs, layout, winit * d, mask0,
             rho=float(rho), iters=iters, patience=patience, rho_every=rho_every, progress_fn=progress_fn,
         )
-    new_w, st_refit = refit(w0, hd, mask, solver=refit_solver, x0=w_s / d)
+    new_w, st_refit = refit(w0, hd, mask, solver=refit_solver, x0=w_s / d, tf32=tf32)
     loss_admm = relative_error(w0, new_w, hessian)
     stats: dict[str, Any] = {"init": init, "init_loss": loss_init, "admm_loss": loss_admm, **st, **st_refit,
                              "mask_changed_vs_init": int((mask != mask0).sum()) // layout.block_numel // 2,

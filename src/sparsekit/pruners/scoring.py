@@ -17,6 +17,8 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from sparsekit.patterns import top_mask
+
 __all__ = [
     "subsets",
     "shared_scope_inverse",
@@ -106,9 +108,5 @@ def independent_choice(w: Tensor, c_diag: Tensor, num_prune: int) -> tuple[Tenso
     off-diagonal entries of ``C_PP``.
     """
     score = (w.square() / c_diag).sum(-1)  # (..., B)
-    keep = torch.ones_like(score, dtype=torch.bool)
-    if num_prune == 0:
-        return torch.zeros_like(score[..., 0]), keep
-    low = score.topk(num_prune, dim=-1, largest=False)
-    keep.scatter_(-1, low.indices, False)
-    return low.values.sum(-1), keep
+    keep = top_mask(score, score.shape[-1] - num_prune)  # prune the smallest; ties: the later block
+    return score.masked_fill(keep, 0.0).sum(-1), keep

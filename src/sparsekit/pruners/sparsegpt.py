@@ -21,7 +21,7 @@ from torch import Tensor
 from sparsekit.errors import InputError
 from sparsekit.hessian import damped_inverse
 from sparsekit.kernels.sparsegpt_nm import available, sweep_batch
-from sparsekit.patterns import Layout
+from sparsekit.patterns import Layout, top_mask
 from sparsekit.pruners import PrunerOutput
 
 
@@ -130,9 +130,7 @@ def prune_sparsegpt(
                 if g is not None:
                     rows, cols = g  # (n_s, B, e)
                     score = (W1c[:, rows, cols - i1] / d[cols - i1]).square().sum(-1)  # (chunks, n_s, B)
-                    drop = torch.ones_like(score, dtype=torch.bool)
-                    if layout.nnz:
-                        drop.scatter_(-1, score.topk(layout.nnz, dim=-1).indices, False)
+                    drop = ~top_mask(score, layout.nnz)
                     pruned_c[:, rows, cols] = drop.unsqueeze(-1).expand(-1, -1, -1, rows.shape[-1])
                 Err1[:, a:b] = _sweep_segment(W1, U1, pruned[:, i1:i2], a, b)
         W[:, i1:i2] = W1
