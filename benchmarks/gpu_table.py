@@ -26,16 +26,13 @@ from sparsekit.data.synthetic import seed_shape_layer
 
 #: key -> (pattern, method, options, seed time in s, target in s); None: no published time / no target
 TABLE: dict[str, tuple[str, str, dict[str, Any], float | None, float | None]] = {
-    "true-obs-2:4": ("2:4", "true-obs", dict(ng=256, order="largest_first", chunk_size=None), 105, 5),
-    "true-obs-2:4-bf16": (
-        "2:4", "true-obs", dict(ng=256, order="largest_first", chunk_size=None, c_dtype=torch.bfloat16), 105, 5),
-    "true-obs-coupled": ("coupled-2:4", "true-obs", dict(ng=16, order="largest_first", chunk_size=None), 433, 15),
-    "true-obs-pairs": ("2:4-pairs", "true-obs", dict(ng=16, order="largest_first", chunk_size=None), 558, 15),
-    "true-obs-rowpair": ("rowpair-16", "true-obs", dict(ng=16, order="largest_first", chunk_size=None), 215, 10),
-    "true-obs-coupled-bf16": ("coupled-2:4", "true-obs",
-                              dict(ng=16, order="largest_first", chunk_size=None, c_dtype=torch.bfloat16), 433, 15),
-    "true-obs-rowpair-bf16": ("rowpair-16", "true-obs",
-                              dict(ng=16, order="largest_first", chunk_size=None, c_dtype=torch.bfloat16), 215, 10),
+    # c_dtype=None is float16 U on CUDA (the seed's default); -tf32: float32 U with TF32 GEMMs; -bf16: bfloat16 U
+    **{f"true-obs-{name}{suffix}": (pattern, "true-obs", dict(ng=ng, order="largest_first", chunk_size=None, **c),
+                                    seed_s, target_s)
+       for name, pattern, ng, seed_s, target_s in (("2:4", "2:4", 256, 105, 5), ("coupled", "coupled-2:4", 16, 433, 15),
+                                                   ("pairs", "2:4-pairs", 16, 558, 15),
+                                                   ("rowpair", "rowpair-16", 16, 215, 10))
+       for suffix, c in (("", {}), ("-tf32", dict(c_dtype=torch.float32)), ("-bf16", dict(c_dtype=torch.bfloat16)))},
     "admm-2:4": ("2:4", "admm", dict(init="true-obs", tf32=True, init_options=dict(
         ng=256, order="largest_first", chunk_size=None, c_dtype=torch.bfloat16)), 52, 10),  # "seed": published ALPS
     "admm-2:4+swap": ("2:4", "admm", dict(init="true-obs", tf32=True, refine="swap", init_options=dict(

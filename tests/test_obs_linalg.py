@@ -74,7 +74,8 @@ def test_blocked_inverse_factor_cuda_equals_float64(q):
 @pytest.mark.gpu
 @pytest.mark.parametrize("pattern", ["2:4", "coupled-2:4", "2:4-pairs", "rowpair-16"])
 @pytest.mark.parametrize("method,opts", [
-    ("true-obs", dict(ng=8, order="largest_first")),
+    ("true-obs", dict(ng=8, order="largest_first")),  # c_dtype None: float16 U on CUDA
+    ("true-obs", dict(ng=8, order="largest_first", c_dtype=torch.float32)),  # TF32
     ("true-obs", dict(ng=8, order="largest_first", c_dtype=torch.bfloat16)),
     ("obs-ord", dict(ng=8)),
     ("obs-interleaved", dict(n_splits=8)),
@@ -86,3 +87,5 @@ def test_cuda_fast_path_matches_float64_cpu(pattern, method, opts):
     fast = prune_weight(W.float().cuda(), H.float().cuda(), pattern, method, **opts)
     assert fast.weight.is_cuda and torch.equal(fast.weight.cpu() == 0, ~fast.mask.cpu())
     assert abs(fast.loss / ref.loss - 1) < 5e-3
+    if method == "true-obs" and "c_dtype" not in opts:
+        assert fast.stats["c_dtype"] == "float16"

@@ -98,6 +98,9 @@ def test_chunking_and_dtypes_do_not_change_the_result():
         res = prune_weight(W, H, "rowpair-16", "true-obs", ng=2, order="largest_first", c_dtype=dt)
         assert res.loss <= ref.loss * (1.02 if dt == torch.bfloat16 else 1.005)
         assert res.stats["c_dtype"] == str(dt).replace("torch.", "")
+    # c_dtype=None: the working dtype on the CPU (float16 only on CUDA, test_obs_linalg.py)
+    assert ref.stats["c_dtype"] == "float64"
+    assert prune_weight(W.float(), H.float(), "2:4", "true-obs", ng=8).stats["c_dtype"] == "float32"
 
 
 def test_progress_and_stats():

@@ -34,11 +34,12 @@ unchanged by it (``w̃_P (C̃_PP)⁻¹ w̃_Pᵀ = w_P (C_PP)⁻¹ w_Pᵀ``); it 
 scale, which is what makes 16-bit ``c_dtype`` usable. ``C0`` stays float32 (or float64); only ``U`` is stored in
 ``c_dtype``, and the GEMM accumulates in float32.
 
-**c_dtype.** ``None``: the weight's working dtype (float32, or float64 for float64 inputs). On CUDA, float32
-matmuls of the big GEMMs run in TF32 inside an explicit :func:`~sparsekit.kernels.obs_linalg.tf32` context
-(within 0.5% of float64, measured: BENCHMARKS.md); the small factorisations are always strict.
-``torch.float16``/``torch.bfloat16`` store ``U`` in 16 bits (half the memory and bytes, full tensor-core rate);
-the 0.5% rule is measured for each in BENCHMARKS.md.
+**c_dtype.** ``None`` (the seed's default): ``torch.float16`` on CUDA for float32 work, "fp16 for tensor-core
+Schur updates"; the weight's working dtype on the CPU (where 16-bit GEMMs are slow) and for float64 inputs.
+``torch.float16``/``torch.bfloat16`` store ``U`` in 16 bits (half the memory and bytes, full tensor-core rate).
+``torch.float32`` on CUDA runs the big GEMMs in TF32 inside an explicit
+:func:`~sparsekit.kernels.obs_linalg.tf32` context. The small factorisations are always strict. Every CUDA
+choice is measured within 0.5% of the same algorithm in float64 (BENCHMARKS.md).
 
 **chunk_size.** Rows processed together (rounded up to a multiple of the pattern's row chunk, 16 for
 rowpair-16). ``None`` picks the largest chunk whose ``U`` and work buffers fit in 80% of the free memory of the
@@ -414,14 +415,15 @@ def prune_true_obs(
         chunk_size: rows processed together (memory O(chunk_size · K²)); ``None``: the most that fit.
         order: ``"left_to_right"`` or ``"largest_first"``.
         scoring: ``"independent"`` (``w²/C_jj`` per element) or ``"joint"`` (enumerate subsets).
-        c_dtype: storage dtype of the per-row factors ``U`` (``None``: the working dtype, TF32 GEMMs on CUDA).
+        c_dtype: storage dtype of the per-row factors ``U`` (``None``: float16 on CUDA, else the working dtype;
+            ``torch.float32`` on CUDA: TF32 GEMMs).
     Raises:
         InputError: bad options; a pattern with too many subsets for ``joint``.
     """
     _check_options(ng, chunk_size, order, scoring, c_dtype)
     M, K = weight.shape
     work = weight.dtype
-    c = c_dtype or work
+    c = c_dtype or (torch.float16 if weight.is_cuda and work == torch.float32 else work)
     inv = scaled_inverse(hessian, damp, damp_mode)
     W = weight.mul_(inv.d)  # (M, K) scaled weights, in place on the private copy
     pruned = torch.zeros(M, K, dtype=torch.bool, device=weight.device)
