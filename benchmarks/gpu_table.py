@@ -50,8 +50,11 @@ def _fmt(opts: dict[str, Any]) -> str:
     return ", ".join(f"{k}={str(v).replace('torch.', '')}" for k, v in opts.items())
 
 
-def run_one(key: str, W: torch.Tensor, H: torch.Tensor, repeats: int, check_rows: int, warmup: int) -> dict[str, Any]:
+def run_one(key: str, W: torch.Tensor, H: torch.Tensor, repeats: int, check_rows: int, warmup: int,
+            devices: int = 1) -> dict[str, Any]:
     pattern, method, opts, seed_s, target_s = TABLE[key]
+    if devices > 1:  # the timed runs split the rows across the GPUs; the float64 check stays on one
+        opts = {**opts, "devices": [f"cuda:{i}" for i in range(devices)]}
     for _ in range(warmup):
         prune_weight(W, H, pattern, method, **opts)
     torch.cuda.synchronize()
@@ -67,7 +70,7 @@ def run_one(key: str, W: torch.Tensor, H: torch.Tensor, repeats: int, check_rows
     if check_rows:
         n = check_rows
         fast = prune_weight(W[:n], H, pattern, method, **opts).loss
-        o64 = {k: v for k, v in opts.items() if k != "c_dtype"}
+        o64 = {k: v for k, v in opts.items() if k not in ("c_dtype", "devices")}
         if "init_options" in o64:
             o64["init_options"] = {k: v for k, v in o64["init_options"].items() if k != "c_dtype"}
         ref = prune_weight(W[:n].double(), H.double(), pattern, method, **o64).loss
@@ -83,6 +86,7 @@ def main() -> None:
     ap.add_argument("--check-rows", type=int, default=128, help="rows of the float64 check (0: none)")
     ap.add_argument("--shape", nargs=2, type=int, default=(2560, 9728), metavar=("M", "K"))
     ap.add_argument("--rows", type=int, default=None, help="time only the first ROWS rows (methods too slow for all)")
+    ap.add_argument("--devices", type=int, default=1, help="split the rows across this many GPUs (devices=)")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--profile", nargs="*", default=[], choices=list(TABLE), help="also profile one run of these")
     args = ap.parse_args()
@@ -90,14 +94,14 @@ def main() -> None:
     lay = seed_shape_layer(*args.shape, device="cuda")
     W, H = lay.weight[: args.rows], lay.hessian
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "shape": list(args.shape), "rows": W.shape[0], "repeats": args.repeats, "warmup": args.warmup}
+            "shape": list(args.shape), "rows": W.shape[0], "repeats": args.repeats, "warmup": args.warmup, "devices": args.devices}
     print(json.dumps(meta), flush=True)
     rows = []
     print("| method | pattern | options | seed | target | ours (median) | peak GiB | loss | fp64 check |", flush=True)
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
     for key in args.only:
         try:
-            row = run_one(key, W, H, args.repeats, args.check_rows, args.warmup)
+            row = run_one(key, W, H, args.repeats, args.check_rows, args.warmup, args.devices)
         except torch.cuda.OutOfMemoryError as e:  # report and go on with the next row
             print(f"| {key} | OOM: {str(e).splitlines()[0]} |", flush=True)
             torch.cuda.empty_cache()

@@ -369,6 +369,23 @@ def test_cli_defaults() -> None:
     assert args.rule == ["mlp=magnitude:4:8"] and args.option == ["blocksize=64"] and args.resume
 
 
+def test_prune_devices_split_rows_and_give_the_one_device_model() -> None:
+    cfg = dict(pattern="2:4", method="true-obs", options={"ng": 4}, batch_size=4)
+    ids = calib()
+    one, two = tiny_model("llama"), tiny_model("llama")
+    ref = prune_model_(one, PruneConfig(**cfg), ids)
+    rep = prune_model_(two, PruneConfig(**cfg, prune_devices=["cpu", "cpu"]), ids)
+    for (n, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), n
+    assert all(r.stats["rows_per_device"] and len(r.stats["per_device"]) == 2 for r in rep.layers)
+    assert [r.loss for r in rep.layers] == pytest.approx([r.loss for r in ref.layers], rel=1e-5)
+    args = _parser().parse_args(["prune", "--prune-devices", "cpu", "cpu"])
+    assert config_from_args(args).prune_devices == ("cpu", "cpu")
+    with pytest.raises(InputError, match="run 'admm' on one device"):
+        PruneConfig(rules=[Rule("mlp", "admm")], prune_devices=["cpu", "cpu"])
+    PruneConfig(rules=[Rule("mlp", SKIP)], prune_devices=["cpu", "cpu"])  # dense layers need no device
+
+
 class _NoLinear(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -6,7 +6,7 @@ import inspect
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -14,6 +14,7 @@ from torch import Tensor
 from sparsekit.errors import InputError
 from sparsekit.hessian import check_hessian
 from sparsekit.metrics import relative_error
+from sparsekit.parallel import parse_devices, prune_rows_on_devices
 from sparsekit.patterns import Layout, Pattern, check_mask, get_pattern
 from sparsekit.pruners import get_pruner
 from sparsekit.pruners.refine import check_refine_options, refine_result
@@ -94,6 +95,7 @@ def prune_weight(
     refine: str | None = None,
     refit: bool = False,
     max_sweeps: int = 256,
+    devices: "Sequence[str | torch.device] | None" = None,
     **options: Any,
 ) -> PruneResult:
     """Prune ``weight (M, K)`` to ``pattern`` minimising ``‖X (W' − W)ᵀ‖²`` given ``hessian = XᵀX/N (K, K)``.
@@ -116,6 +118,10 @@ def prune_weight(
         max_sweeps: budget of swap sweeps, an int ``>= 0``; a sweep applies at most one swap per row (or row
             pair), so this bounds the swaps per row. Measured on real 2:4 layers the search ends by itself within
             ~140 sweeps from True OBS's mask and ~100 from ADMM's.
+        devices: prune the rows in parts, one per device (e.g. ``["cuda:0", "cuda:1"]``), for the methods whose
+            rows are independent (:data:`sparsekit.parallel.ROW_SEPARABLE`): the same result as on one device,
+            gathered on ``weight``'s device, where ``refine``/``refit`` and the loss then run. ``None``: all on
+            ``weight``'s device.
         **options: method options (e.g. ``blocksize`` for SparseGPT); unknown ones raise :class:`InputError`.
     """
     _check_weight(weight)
@@ -134,13 +140,18 @@ def prune_weight(
     fn = get_pruner(method)
     _check_options(fn, method, options)
     check_refine_options(refine, refit, max_sweeps)
+    devs = None if devices is None else parse_devices(devices, method)
 
     dtype = torch.float64 if torch.float64 in (weight.dtype, hessian.dtype) else torch.float32
     w0 = weight.detach().to(dtype)
     h = hessian.detach().to(dtype)
     _sync(weight.device)
     t0 = time.perf_counter()
-    out = fn(w0.clone(), h, layout, damp=damp, damp_mode=damp_mode, progress_fn=progress_fn, **options)
+    if devs is None:
+        out = fn(w0.clone(), h, layout, damp=damp, damp_mode=damp_mode, progress_fn=progress_fn, **options)
+    else:
+        out = prune_rows_on_devices(fn, w0, h, pat, devs, damp=damp, damp_mode=damp_mode, progress_fn=progress_fn,
+                                    **options)
     mask = out.mask.bool()
     check_mask(mask, layout)
     new = out.weight.masked_fill(~mask, 0.0)

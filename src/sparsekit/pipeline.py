@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from sparsekit.api import prune_weight
 from sparsekit.errors import InputError, PatternError
 from sparsekit.hessian import HessianAccumulator
+from sparsekit.parallel import parse_devices
 from sparsekit.patterns import Pattern, get_pattern
 from sparsekit.pruners import get_pruner
 
@@ -159,6 +160,9 @@ class PruneConfig:
         device: where each block runs and is pruned (``"cpu"``, ``"cuda"``, ...); ``None``: the model's device.
         batch_size: calibration sequences per forward pass.
         offload_activations: keep the calibration activations on the CPU between blocks (saves device memory).
+        prune_devices: split every layer's rows across these devices for pruning (``prune_weight(devices=...)``,
+            e.g. ``("cuda:0", "cuda:1")``); only for the methods whose rows are independent
+            (:data:`sparsekit.parallel.ROW_SEPARABLE`). ``None``: prune on ``device``.
     """
 
     pattern: "str | Pattern" = DEFAULT_PATTERN
@@ -172,6 +176,7 @@ class PruneConfig:
     device: str | None = None
     batch_size: int = 8
     offload_activations: bool = False
+    prune_devices: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         if self.sequential not in ("layer", "block"):
@@ -179,6 +184,10 @@ class PruneConfig:
         if self.batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {self.batch_size}.")
         object.__setattr__(self, "rules", tuple(self.rules))
+        if self.prune_devices is not None:
+            object.__setattr__(self, "prune_devices", tuple(self.prune_devices))
+            for method in {self.method, *(r.method for r in self.rules if r.method not in (None, SKIP))}:
+                parse_devices(self.prune_devices, method)  # InputError unless every method is row-separable
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form; excludes where it runs (device, batch size, offload), which does not change the result."""
@@ -1016,7 +1025,8 @@ def _prune_layer(
 
     res = prune_weight(
         p.module.weight.data, H, p.pattern, p.method,
-        damp=config.damp, damp_mode=config.damp_mode, inplace=True, progress_fn=method_progress, **p.options,
+        damp=config.damp, damp_mode=config.damp_mode, inplace=True, progress_fn=method_progress,
+        devices=config.prune_devices, **p.options,
     )
     note = ""
     dead = int((H.diagonal() == 0).sum())
@@ -1158,6 +1168,7 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
         device=args.device,
         batch_size=args.batch_size,
         offload_activations=args.offload,
+        prune_devices=args.prune_devices,
     )
 
 
@@ -1247,6 +1258,9 @@ def add_cli(subparsers: Any) -> None:
                    help="layer: recompute each stage's inputs after pruning earlier stages (default); block: one dense pass per block")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N: where each block is calibrated and pruned")
     p.add_argument("--offload", action="store_true", help="keep calibration activations on the CPU between blocks")
+    p.add_argument("--prune-devices", nargs="+", default=None, metavar="DEV",
+                   help="split each layer's rows across these devices for pruning (e.g. cuda:0 cuda:1); methods "
+                        "whose rows are independent only (sparsegpt, true-obs, ...)")
     p.add_argument("--out", default=None, help="output directory (default: ./sparsekit-out/MODEL-PATTERN)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted job from its last finished block")
     p.add_argument("--skip-incompatible", action="store_true", help="leave dense the layers the pattern does not tile")
