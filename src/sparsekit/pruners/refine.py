@@ -131,38 +131,18 @@ def _refit_cg(
     x0: Tensor | None,
     tol: float,
     max_iter: int,
-    tf32: bool = False,
+    tf32: bool,
     check_every: int = 10,
 ) -> tuple[Tensor, int, float, bool]:
     """Eq. (1) by CG on the unit-diagonal ``hd`` (already Jacobi-scaled), all rows at once: solve
-    ``x H_RR = w_P H_PR`` for ``x = δ_R``.
+    ``x H_RR = w_P H_PR`` for the update ``x = δ_R`` from ``x0``.
 
-    The true residual is recomputed every ``check_every`` iterations in the working precision (float32 on
-    CUDA, never TF32), and so is the right-hand side; the best iterate so far is kept, and the loop stops at
-    ``tol``, after ``max_iter``, or when three checks in a row bring no improvement (round-off floor). With
-    ``tf32`` (CUDA) the products of the iterations use TF32 (residual replacement resets their errors at every
-    check); if that stalls above ``tol`` the solve continues from its best iterate with float32 products, so
-    the accuracy reached is float32's. Returns ``(weights, iterations, max relative residual, stalled)``."""
-    with obs_linalg.tf32(False):  # (the flag only affects CUDA matmuls; CPU runs take the same code path)
-        x, it, res, stalled = _cg_loop(w0, hd, mask, x0, tol, max_iter, tf32, check_every)
-        if tf32 and hd.is_cuda and res > tol and it < max_iter:
-            x, it2, res, stalled = _cg_loop(w0, hd, mask, x, tol, max_iter - it, False, check_every)
-            it += it2
-    return (w0 + x) * mask, it, res, stalled
-
-
-def _cg_loop(
-    w0: Tensor,
-    hd: Tensor,
-    mask: Tensor,
-    x0: Tensor | None,
-    tol: float,
-    max_iter: int,
-    tf32: bool,
-    check_every: int,
-) -> tuple[Tensor, int, float, bool]:
-    """The CG iterations of :func:`_refit_cg` from the update ``x0``; returns the best update ``δ`` (zero off
-    the mask), iterations, its residual, stalled."""
+    The right-hand side and the true residual (recomputed every ``check_every`` iterations) use the working
+    precision; the products of the iterations use TF32 when ``tf32`` (CUDA; residual replacement resets their
+    errors at every check). The best iterate so far is kept, and the loop stops at ``tol``, after ``max_iter``,
+    or when three checks in a row bring no improvement (round-off floor). Call it inside
+    ``obs_linalg.tf32(False)``. Returns ``(best update (zero off the mask), iterations, its max relative
+    residual, stalled)``."""
     tiny = torch.finfo(w0.dtype).tiny
     m = mask.to(w0.dtype)  # (M, K)
     b = ((w0 * (1 - m)) @ hd) * m  # (M, K)
@@ -218,7 +198,8 @@ def refit(
             CPU or K <= 4096, else CG).
         x0: CG warm start for the weights (``(M, K)``), e.g. the previous iterate.
         tf32: TF32 for the products of the CG iterations on CUDA; the residual that decides convergence stays
-            float32 (see :func:`_refit_cg`).
+            float32 (see :func:`_refit_cg`), and if the TF32 iterations stall above ``tol`` the solve finishes
+            from their best iterate with float32 products, so the accuracy reached is float32's.
     Returns:
         ``(weights (M, K) with exact zeros off the mask, stats)``.
     """
@@ -235,7 +216,12 @@ def refit(
     if tol is None:
         tol = 1e-10 if weight0.dtype == torch.float64 else 1e-5
     xs = None if x0 is None else x0 * d - ws
-    out, it, res, stalled = _refit_cg(ws, hs, mask, xs, tol, max_iter, tf32)
+    with obs_linalg.tf32(False):  # (the flag only affects CUDA matmuls; CPU runs take the same code path)
+        x, it, res, stalled = _refit_cg(ws, hs, mask, xs, tol, max_iter, tf32)
+        if tf32 and ws.is_cuda and res > tol and it < max_iter:  # TF32 stalled: finish with float32 products
+            x, it2, res, stalled = _refit_cg(ws, hs, mask, x, tol, max_iter - it, False)
+            it += it2
+    out = (ws + x) * mask
     if res > tol:  # at the float round-off floor (stalled) that is expected: H_RR's conditioning sets it
         log.log(logging.INFO if stalled else logging.WARNING,
                 "refit CG stopped after %d iterations at relative residual %.2e (tol %.1e)%s.", it, res, tol,
