@@ -1,5 +1,6 @@
 """Batched linear algebra for True OBS and OBS-ord: fast paths next to their torch references.
 
+- :func:`free_memory` — bytes still allocatable on a device (sizes the chunks of per-row work).
 - :func:`tf32` — a context manager that allows TF32 for float32 CUDA matmuls *inside it only* (the previous
   setting is restored on exit; nothing is changed at import).
 - :func:`baddbmm_` — ``out += alpha · a @ b`` where ``a, b`` may be 16-bit (the per-row C factors stored in
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from functools import lru_cache
 from typing import Iterator
 
@@ -36,6 +38,18 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 #: Batch entries upcast at once by the reference path of :func:`baddbmm_` (bounds its temporary memory).
 _UPCAST_SLICE_BYTES = 256 * 2**20
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes a computation on ``device`` can still allocate: on CUDA the free device memory plus what torch's
+    caching allocator holds unused; on the CPU the available RAM."""
+    if device.type == "cuda":
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0] + cached)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 8 * 2**30
 
 
 @contextlib.contextmanager

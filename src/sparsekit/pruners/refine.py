@@ -68,13 +68,17 @@ __all__ = [
 REFINES = ("swap",)
 #: solvers of :func:`refit`
 REFIT_SOLVERS = ("auto", "direct", "cg")
-#: memory for one chunk of per-row matrices (refit ``H_RR`` gathers, swap-search ``A``), in bytes
+#: memory for one chunk of per-row matrices (refit ``H_RR`` gathers, swap-search ``A``) on the CPU, in bytes
 CHUNK_BYTES_CPU = 256 * 2**20
-CHUNK_BYTES_CUDA = 4 * 2**30
+#: on CUDA: this fraction of the free device memory (one chunk's sweeps are passes over all its ``A``s, so the
+#: more rows per pass the fewer launches per row; 378 MB per row at K = 9728)
+CHUNK_FREE_FRACTION_CUDA = 0.5
 
 
 def _chunk_bytes(device: torch.device) -> int:
-    return CHUNK_BYTES_CUDA if device.type == "cuda" else CHUNK_BYTES_CPU
+    if device.type == "cuda":
+        return int(CHUNK_FREE_FRACTION_CUDA * obs_linalg.free_memory(device))
+    return CHUNK_BYTES_CPU
 
 
 def _scaled(hd: Tensor) -> tuple[Tensor, Tensor]:
@@ -454,7 +458,7 @@ def swap_search(
     scope_group = group[layout.rows[:, 0, 0]]  # (S,)
     scope_perm = torch.argsort(scope_group, stable=True)
     scope_bounds = torch.searchsorted(scope_group[scope_perm], torch.arange(n_groups + 1, device=group.device))
-    row_bytes = K * K * weight0.element_size() * 3  # A plus the temporaries of swap_state
+    row_bytes = K * K * weight0.element_size() * 4  # A plus the temporaries of swap_state
     per_chunk = max(1, _chunk_bytes(weight0.device) // row_bytes)
     gstart = torch.cat([torch.zeros(1, dtype=torch.long, device=group.device), gsize.cumsum(0)]).tolist()
     total_swaps, sweeps_max = 0, 0

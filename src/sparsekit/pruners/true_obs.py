@@ -51,7 +51,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -61,7 +60,7 @@ from torch import Tensor
 
 from sparsekit.errors import InputError, PatternError
 from sparsekit.hessian import damped_inverse
-from sparsekit.kernels.obs_linalg import LOW_PRECISION, baddbmm_, chol_inv_factor, tf32
+from sparsekit.kernels.obs_linalg import LOW_PRECISION, baddbmm_, chol_inv_factor, free_memory, tf32
 from sparsekit.patterns import Layout
 from sparsekit.pruners import PrunerOutput
 from sparsekit.pruners.scoring import best_subset, independent_choice, shared_scope_inverse, subsets
@@ -368,16 +367,6 @@ class TrueOBSChunk:
 
 
 # ---- driver -------------------------------------------------------------------------------------------------
-def _free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":  # free on the device plus what torch's caching allocator holds unused
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(torch.cuda.mem_get_info(device)[0] + cached)
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        return 8 * 2**30
-
-
 def _chunk_rows(layout: Layout, chunk_size: int | None, ng: int, c_dtype: torch.dtype, work: torch.dtype) -> int:
     """Rows per chunk: ``chunk_size`` rounded up to the pattern's row chunk, or the largest that fits (None)."""
     M, K = layout.num_rows, layout.num_cols
@@ -389,7 +378,7 @@ def _chunk_rows(layout: Layout, chunk_size: int | None, ng: int, c_dtype: torch.
     t_max = min(K, Sg * p * e)
     q = min(K, ng * p * e)
     per_row = K * t_max * c_dtype.itemsize + 4 * K * q * torch.finfo(work).bits // 8 + 16 * K
-    free = 0.8 * _free_bytes(layout.device) - 3 * K * K * torch.finfo(work).bits // 8
+    free = 0.8 * free_memory(layout.device) - 3 * K * K * torch.finfo(work).bits // 8
     rows = max(cr, int(free // per_row) // cr * cr)
     return min(M, rows)
 
