@@ -148,6 +148,8 @@ def test_swept_matrix_and_refit_deltas(pattern, M, K):
         assert torch.allclose(A[r][R][:, P], G @ hs[R][:, P], atol=1e-9)
         assert torch.allclose(A[r][P][:, P], S, atol=1e-9)
     assert torch.allclose((w + delta) / _scaled(Hd)[1], refit_oracle(W, Hd, mask), atol=1e-9)
+    for build_rows in (1, 2):  # built a few rows at a time: the same matrices
+        assert torch.equal(swap_state(w, hs, mask, build_rows), A)
 
 
 @pytest.mark.parametrize("pattern,M,K", SEED_CASES)

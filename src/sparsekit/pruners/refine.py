@@ -250,37 +250,46 @@ def _row_groups(layout: Layout) -> Tensor:
     return torch.unique(label, return_inverse=True)[1]
 
 
-def swap_state(ws: Tensor, hs: Tensor, mask: Tensor) -> Tensor:
+def swap_state(ws: Tensor, hs: Tensor, mask: Tensor, build_rows: int | None = None) -> Tensor:
     """The swept matrices ``A (n, K, K)`` of eq. (2) for rows ``ws (n, K)`` with masks ``mask (n, K)``.
 
-    Rows are batched by ``|R|``: ``G = H_RR⁻¹`` by Cholesky, ``U = G H_RP``, ``S = H_PP − H_PR U``, then scattered
-    into ``K × K`` in column order.
+    Rows are batched by ``|R|``, at most ``build_rows`` at a time (their temporaries take about 5 ``K × K``
+    matrices per row; ``None``: all): ``G = H_RR⁻¹`` by Cholesky, ``U = G H_RP``, ``S = H_PP − H_PR U``, then
+    scattered into ``K × K`` in column order.
     """
     n, K = ws.shape
     A = torch.empty(n, K, K, dtype=ws.dtype, device=ws.device)
     counts = mask.sum(1)
     for r in torch.unique(counts).tolist():
-        rows = (counts == r).nonzero().flatten()
-        k = len(rows)
-        order = torch.sort((~mask[rows]).to(torch.int8), dim=1, stable=True).indices  # (k, K): R first, then P
-        Hperm = hs[order.unsqueeze(2), order.unsqueeze(1)]  # (k, K, K) in (R, P) order
-        HRR, HRP, HPP = Hperm[:, :r, :r], Hperm[:, :r, r:], Hperm[:, r:, r:]
-        B = torch.empty_like(Hperm)
-        if r:
-            L, info = torch.linalg.cholesky_ex(HRR)
-            if (info != 0).any():
-                raise HessianError("H restricted to a row's kept columns is not positive definite; pass damp > 0.")
-            G = torch.cholesky_inverse(L)  # (k, r, r)
-            U = G @ HRP  # (k, r, p)
-            B[:, :r, :r] = -G
-            B[:, :r, r:] = U
-            B[:, r:, :r] = U.transpose(1, 2)
-            B[:, r:, r:] = HPP - HRP.transpose(1, 2) @ U
-        else:
-            B.copy_(Hperm)
-        inv = torch.argsort(order, dim=1)  # (k, K) position of each column in (R, P) order
-        A[rows] = B[torch.arange(k, device=ws.device).view(k, 1, 1), inv.unsqueeze(2), inv.unsqueeze(1)]
+        rows_r = (counts == r).nonzero().flatten()
+        step = build_rows or len(rows_r)
+        for a in range(0, len(rows_r), step):
+            rows = rows_r[a : a + step]
+            A[rows] = _swept(hs, mask[rows], r)
     return A
+
+
+def _swept(hs: Tensor, mask: Tensor, r: int) -> Tensor:
+    """Eq. (2) for ``k`` rows that all keep ``r`` columns: ``mask (k, K)`` -> ``A (k, K, K)`` in column order."""
+    k, K = mask.shape
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # (k, K): R first, then P
+    Hperm = hs[order.unsqueeze(2), order.unsqueeze(1)]  # (k, K, K) in (R, P) order
+    HRR, HRP, HPP = Hperm[:, :r, :r], Hperm[:, :r, r:], Hperm[:, r:, r:]
+    B = torch.empty_like(Hperm)
+    if r:
+        L, info = torch.linalg.cholesky_ex(HRR)
+        if (info != 0).any():
+            raise HessianError("H restricted to a row's kept columns is not positive definite; pass damp > 0.")
+        G = torch.cholesky_inverse(L)  # (k, r, r)
+        U = G @ HRP  # (k, r, p)
+        B[:, :r, :r] = -G
+        B[:, :r, r:] = U
+        B[:, r:, :r] = U.transpose(1, 2)
+        B[:, r:, r:] = HPP - HRP.transpose(1, 2) @ U
+    else:
+        B.copy_(Hperm)
+    inv = torch.argsort(order, dim=1)  # (k, K) position of each column in (R, P) order
+    return B[torch.arange(k, device=mask.device).view(k, 1, 1), inv.unsqueeze(2), inv.unsqueeze(1)]
 
 
 def _cols(A: Tensor, idx: Tensor) -> Tensor:
@@ -458,8 +467,10 @@ def swap_search(
     scope_group = group[layout.rows[:, 0, 0]]  # (S,)
     scope_perm = torch.argsort(scope_group, stable=True)
     scope_bounds = torch.searchsorted(scope_group[scope_perm], torch.arange(n_groups + 1, device=group.device))
-    row_bytes = K * K * weight0.element_size() * 4  # A plus the temporaries of swap_state
-    per_chunk = max(1, _chunk_bytes(weight0.device) // row_bytes)
+    # a chunk holds one A (K × K) per row; swap_state builds them `build_rows` at a time (~5 K × K temporaries each)
+    units = _chunk_bytes(weight0.device) // (K * K * weight0.element_size())
+    build_rows = max(1, units // 16)
+    per_chunk = max(1, units - 5 * build_rows)
     gstart = torch.cat([torch.zeros(1, dtype=torch.long, device=group.device), gsize.cumsum(0)]).tolist()
     total_swaps, sweeps_max = 0, 0
     loss_before = loss_after = 0.0
@@ -477,7 +488,7 @@ def swap_search(
         lrow_group = group[rows] - g0  # (n,)
         w = ws[rows]  # (n, K)
         m = mask[rows]  # (n, K)
-        A = swap_state(w, hs, m)
+        A = swap_state(w, hs, m, build_rows)
         keep = m[srow, scol].all(-1)  # (S_c, B)
         ng = g1 - g0
         sweeps = 0
