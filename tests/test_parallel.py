@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from oracles import tiny_problem
-from sparsekit import InputError, prune_weight
+from sparsekit import InputError, get_pattern, prune_weight
 from sparsekit.parallel import ROW_SEPARABLE, row_parts
 
 SEED_PATTERNS = ["2:4", "2:4-pairs", "coupled-2:4", "rowpair-16"]
@@ -50,6 +50,44 @@ def test_progress_messages_name_the_device():
     msgs = []
     prune_weight(W, H, "2:4", "true-obs", ng=4, devices=["cpu", "cpu"], progress_fn=msgs.append)
     assert msgs and all(m.startswith("[cpu] true-obs:") for m in msgs)
+
+
+def test_interleaved_tf32_contexts_of_the_parts_do_not_leak_into_the_caller():
+    """Part 0 enters its TF32 context, part 1 enters (seeing TF32 on), part 0 exits, part 1 exits and would
+    restore "on": after the call the caller's setting (off) must hold."""
+    import threading
+
+    from sparsekit.kernels.obs_linalg import tf32
+    from sparsekit.parallel import prune_rows_on_devices
+    from sparsekit.pruners import PrunerOutput
+
+    entered0, entered1, exited0 = threading.Event(), threading.Event(), threading.Event()
+
+    def fake(w, h, layout, progress_fn=None, **kw):
+        first = bool(w[0, 0] == 0)
+        with tf32(True):
+            if first:
+                entered0.set()
+                entered1.wait(5)
+            else:
+                entered0.wait(5)
+                entered1.set()
+                exited0.wait(5)
+        if first:
+            exited0.set()
+        return PrunerOutput(w, torch.ones_like(w, dtype=torch.bool))
+
+    W = torch.ones(4, 8)
+    W[0, 0] = 0
+    flags = torch.backends.cuda.matmul
+    before = flags.allow_tf32
+    flags.allow_tf32 = False
+    try:
+        out = prune_rows_on_devices(fake, W, torch.eye(8), get_pattern("2:4"), [torch.device("cpu")] * 2)
+        assert entered1.is_set() and exited0.is_set()  # the threads did interleave
+        assert flags.allow_tf32 is False and torch.equal(out.weight, W)
+    finally:
+        flags.allow_tf32 = before
 
 
 @pytest.mark.parametrize("devices,match", [

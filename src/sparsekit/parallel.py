@@ -9,7 +9,11 @@ differences between devices and batch sizes. The methods that couple rows are re
 order for all rows, from their summed costs) and ADMM (its penalty schedule follows the whole mask).
 
 Parts run in one thread per device (CUDA kernels release the GIL; each thread makes its device current), so
-``progress_fn`` may be called from several threads; messages are prefixed with the device.
+``progress_fn`` may be called from several threads; messages are prefixed with the device. TF32 is a process-wide
+flag that the pruners set and restore around their GEMMs (:func:`sparsekit.kernels.obs_linalg.tf32`); with
+several threads one part may finish a context while another is inside its own, so a part can run some float32
+GEMMs strictly instead of in TF32 (slower, not less accurate). The flag is restored to the caller's value when
+all parts are done.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ ROW_SEPARABLE = ("magnitude", "wanda", "sparsegpt", "obs-local", "obs-full", "ob
 
 
 def parse_devices(devices: Any, method: str) -> list[torch.device]:
-    """Validate ``devices`` (a sequence of distinct device names or ``torch.device``) for ``method``."""
+    """Validate ``devices`` (a sequence of device names or ``torch.device``; each CUDA device at most once) for
+    ``method``."""
     if isinstance(devices, (str, torch.device)) or not isinstance(devices, Sequence) or not devices:
         raise InputError(f"devices must be a non-empty list such as ['cuda:0', 'cuda:1'], got {devices!r}.")
     if method not in ROW_SEPARABLE:
@@ -98,9 +103,14 @@ def prune_rows_on_devices(
                 torch.cuda.synchronize(dev)
             return out
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(parts)) as pool:
-        futures = [pool.submit(run, dev, a, b) for dev, (a, b) in zip(devices, parts)]
-        outs = [f.result() for f in futures]
+    flags = torch.backends.cuda.matmul
+    tf32_before = flags.allow_tf32
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(parts)) as pool:
+            futures = [pool.submit(run, dev, a, b) for dev, (a, b) in zip(devices, parts)]
+            outs = [f.result() for f in futures]
+    finally:  # interleaved enter/exit of the threads' TF32 contexts must not leak into the caller
+        flags.allow_tf32 = tf32_before
     home = weight.device
     stats = dict(outs[0].stats)
     stats.update(devices=[str(d) for d in devices[: len(parts)]], rows_per_device=[b - a for a, b in parts],
