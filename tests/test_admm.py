@@ -79,7 +79,7 @@ def _admm_reference(ws0, hs, layout, z, rho, iters, rho_every):
 @pytest.mark.parametrize("pattern,M,K", [("2:4", 6, 32), ("rowpair-16", 16, 32)])
 def test_admm_iterate_follows_the_equations(pattern, M, K):
     from sparsekit.pruners.admm import admm_iterate
-    from sparsekit.pruners.refine import _scaled
+    from sparsekit.refine import _scaled
 
     W, H, _ = tiny_problem(M, K, seed=8)
     layout = get_pattern(pattern).resolve(M, K)

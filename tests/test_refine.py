@@ -1,4 +1,4 @@
-"""Refit and swap search (pruners/refine.py) against float64 oracles: least squares, exact ΔL, local optimality."""
+"""Refit and swap search (refine.py) against float64 oracles: least squares, exact ΔL, local optimality."""
 
 import itertools
 
@@ -9,7 +9,7 @@ from oracles import optimal_loss_for_mask, refit as refit_oracle, tiny_problem
 from sparsekit import InputError, get_pattern, prune_weight
 from sparsekit.patterns import check_mask
 from sparsekit.pruners import METHODS
-from sparsekit.pruners.refine import (
+from sparsekit.refine import (
     _candidates,
     _scaled,
     _swap,

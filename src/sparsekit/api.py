@@ -17,7 +17,7 @@ from sparsekit.metrics import relative_error
 from sparsekit.parallel import parse_devices, prune_rows_on_devices
 from sparsekit.patterns import Layout, Pattern, check_mask, get_pattern
 from sparsekit.pruners import get_pruner
-from sparsekit.pruners.refine import check_refine_options, refine_result
+from sparsekit.refine import check_refine_options, refine_result
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def prune_weight(
         inplace: write the result into ``weight``.
         progress_fn: called with short progress messages by long-running methods.
         refine: ``"swap"``: after the method, best-improvement in-scope swap search with exact loss changes
-            (:func:`sparsekit.pruners.refine.swap_search`), then an exact refit; ``None``: off.
+            (:func:`sparsekit.refine.swap_search`), then an exact refit; ``None``: off.
         refit: after the method (and ``refine``), refit the kept weights exactly for the final mask.
             Both optimise the damped objective (``H`` + the ``damp`` rule) and are kept only if the loss through
             the undamped ``H`` does not increase; their effect is recorded in ``stats``.

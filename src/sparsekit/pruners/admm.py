@@ -20,7 +20,7 @@ otherwise), so ``W`` and ``Z`` are driven together. ALPS grows ``ρ`` every 3 it
 here) explores longer: measured on real MiniLM and SmolLM2 layers at 2:4, warm-started from True OBS, it lowers
 the final loss by 0.5-0.7% for about twice the iterations (every 20: a further 0.1-0.2%). Stop when the mask
 has not changed for ``patience`` iterations, or after ``iters``. Then the kept weights of the final mask are
-refit exactly (:func:`sparsekit.pruners.refine.refit`), and the result is compared with the init's through the
+refit exactly (:func:`sparsekit.refine.refit`), and the result is compared with the init's through the
 undamped ``H``: the better one is returned (``stats["chosen"]``), so ADMM is never worse than its init.
 """
 
@@ -39,7 +39,7 @@ from sparsekit.kernels import obs_linalg
 from sparsekit.metrics import relative_error
 from sparsekit.patterns import Layout
 from sparsekit.pruners import METHODS, PrunerOutput, get_pruner
-from sparsekit.pruners.refine import REFIT_SOLVERS, _scaled, damped_hessian, refit
+from sparsekit.refine import REFIT_SOLVERS, _scaled, damped_hessian, refit
 
 log = logging.getLogger(__name__)
 
