@@ -10,6 +10,7 @@ import pytest
 
 from sparsekit import InputError, prune_weight
 from sparsekit import bench as B
+from sparsekit.cli import main
 from sparsekit.data.synthetic import seed_shape_layer
 
 FAST = ["magnitude", "wanda", "sparsegpt", "obs-full"]
@@ -22,7 +23,7 @@ def layer():
 
 def test_cli_tiny_synthetic_matches_prune_weight(tmp_path, capsys, layer):
     t0 = time.perf_counter()
-    rc = B.main(["--model", "synthetic", "--shape", "32", "64", "--tokens", "256", "--device", "cpu", "-q",
+    rc = main(["bench", "--model", "synthetic", "--shape", "32", "64", "--tokens", "256", "--device", "cpu", "-q",
                  "--patterns", "2:4", "rowpair-16", "--methods", *FAST, "--repeats", "2", "--out", str(tmp_path)])
     assert rc == 0 and time.perf_counter() - t0 < 60
     out = capsys.readouterr().out
@@ -129,9 +130,9 @@ def test_parse_variant():
 
 
 def test_cli_bad_input(capsys):
-    assert B.main(["--model", "no-such-model", "-q", "--device", "cpu"]) == 2
+    assert main(["bench", "--model", "no-such-model", "-q", "--device", "cpu"]) == 2
     assert "unknown model 'no-such-model'" in capsys.readouterr().err
-    assert B.main(["--model", "synthetic", "--shape", "16", "64", "--tokens", "64", "--device", "cpu", "-q",
+    assert main(["bench", "--model", "synthetic", "--shape", "16", "64", "--tokens", "64", "--device", "cpu", "-q",
                    "--patterns", "7:3"]) == 2
     assert "N:M" in capsys.readouterr().err
 

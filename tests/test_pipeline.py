@@ -27,13 +27,12 @@ from sparsekit.pipeline import (  # noqa: E402
     ModelReport,
     PruneConfig,
     Rule,
-    config_from_args,
     find_blocks,
-    load_model_checked,
-    parse_options,
     prune_model_,
     save_pruned,
 )
+from sparsekit.cli.prune import config_from_args, parse_options  # noqa: E402
+from sparsekit.data.models import load_model  # noqa: E402
 
 KINDS = ("llama", "qwen3", "bert")
 
@@ -333,17 +332,13 @@ def test_resume_rejects_other_config_and_restarts_without_resume(tmp_path) -> No
 
 def test_unknown_model_path(tmp_path) -> None:
     with pytest.raises(InputError, match="unknown model"):
-        load_model_checked(str(tmp_path / "no-such-model"))
+        load_model(str(tmp_path / "no-such-model"))
 
 
 def _parser():
-    import argparse
+    from sparsekit.cli import build_parser
 
-    from sparsekit.pipeline import add_cli
-
-    parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command"))
-    return parser
+    return build_parser()
 
 
 def test_cli_unknown_model_fails_clearly_before_any_work(tmp_path) -> None:

@@ -8,6 +8,7 @@ from sparsekit.errors import HessianError, InputError, PatternError, SparsekitEr
 from sparsekit.hessian import HessianAccumulator
 from sparsekit.metrics import relative_error
 from sparsekit.patterns import PRESETS, BlockSpec, Pattern, ScopeSpec, check_mask, get_pattern
+from sparsekit.pipeline import ModelReport, PruneConfig, Rule, prune_model_, save_pruned
 from sparsekit.pruners import METHODS
 
 __version__ = "0.1.0"
@@ -15,6 +16,11 @@ __version__ = "0.1.0"
 __all__ = [
     "prune_weight",
     "PruneResult",
+    "prune_model_",
+    "save_pruned",
+    "PruneConfig",
+    "Rule",
+    "ModelReport",
     "Pattern",
     "BlockSpec",
     "ScopeSpec",

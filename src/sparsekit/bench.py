@@ -14,7 +14,6 @@ format), Markdown or plain text, and :func:`plot_pattern` draws loss vs time per
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import inspect
@@ -53,8 +52,6 @@ __all__ = [
     "write_json",
     "read_json",
     "plot_pattern",
-    "add_cli",
-    "main",
 ]
 
 #: bump on any incompatible change of the JSON layout; :func:`read_json` refuses newer files
@@ -607,7 +604,6 @@ def write_outputs(out_dir: str | Path, rows: Sequence[BenchRow], config: dict[st
     return files
 
 
-# ---- CLI -------------------------------------------------------------------------------------------------
 def bench_layers(
     model: str = "minilm",
     layers: str | None = None,
@@ -637,106 +633,3 @@ def bench_layers(
         return load_layers(model, layers)
     return real_layers(model, text, tokens if tokens is not None else 8192, seq_len, layers, cache_dir, seed=seed,
                        progress=progress)
-
-
-def _layers_for(args: argparse.Namespace, progress: Callable[[int, int], None] | None) -> list[Any]:
-    cache = None if args.cache_dir == "none" else (args.cache_dir or "default")
-    return bench_layers(args.model, args.layers, args.tokens, args.seq_len, args.text, args.shape, args.seed,
-                        args.device, cache, progress)
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    if args.list_methods:
-        for v in VARIANTS.values():
-            st = variant_status(v)
-            print(f"{v.key:<22} {v.label:<32} {v.method} {v.kwargs or ''}  {'ok' if st is None else st}")
-        return 0
-    from tqdm import tqdm
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    args.device = str(device)
-    bar = tqdm(total=0, desc="calibration windows", file=sys.stderr, disable=args.quiet, leave=False)
-
-    def calib(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    layers = _layers_for(args, calib)
-    bar.close()
-    warmup = args.warmup if args.warmup is not None else (1 if device.type == "cuda" else 0)
-    bar = tqdm(total=0, desc="bench", file=sys.stderr, disable=args.quiet)
-
-    def prog(done: int, total: int, desc: str) -> None:
-        bar.total = total
-        bar.set_description(desc[-60:], refresh=False)
-        bar.update(done - bar.n)
-
-    rows = run_bench(layers, args.patterns, args.methods, device, args.rows, args.repeats, prog, warmup=warmup,
-                     damp=args.damp)
-    bar.close()
-    print(format_tables(rows, args.format, args.per_layer))
-    print()
-    print(format_summary(rows, args.format))
-    if args.out:
-        config = {k: v for k, v in vars(args).items() if k not in ("func", "list_methods", "quiet", "command")}
-        config["warmup"] = warmup
-        config["layers"] = [{"name": l.name, "M": int(l.weight.shape[0]), "K": int(l.weight.shape[1]),
-                             "num_tokens": int(l.num_tokens)} for l in layers]
-        files = write_outputs(args.out, rows, config, device, args.format, command=args.command_line)
-        print("\nwrote " + ", ".join(str(f) for f in files), file=sys.stderr)
-    return 0
-
-
-def add_cli(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``sparsekit bench``."""
-    p = subparsers.add_parser(
-        "bench", help="the seed's benchmark tables on real or synthetic layers",
-        description="Prune layers to each pattern with each method variant; print the seed's tables (Method, "
-                    "Norm. Loss, Sparsity, Time, vs SparseGPT) and the summary; --out writes JSON and PNG plots.",
-    )
-    p.add_argument("--model", default="minilm",
-                   help="minilm | smollm2 | synthetic | a Hugging Face folder | a .gguf | a .safetensors of "
-                        "<name>.weight/<name>.hessian pairs (default: minilm)")
-    p.add_argument("--layers", default=None, help="regex or substring of layer names (default: all linears)")
-    p.add_argument("--patterns", nargs="+", default=list(SEED_PATTERNS), help="default: the seed's four")
-    p.add_argument("--methods", nargs="+", default=None,
-                   help=f"variant keys or method:opt=value specs (default: all: {' '.join(VARIANTS)})")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
-    p.add_argument("--rows", type=int, default=None, help="prune only the first N rows (seed's 32-row tables)")
-    p.add_argument("--repeats", type=int, default=1, help="timed runs per cell; the median is reported")
-    p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 1 on CUDA, 0 on CPU)")
-    p.add_argument("--tokens", type=int, default=None,
-                   help="calibration tokens (default 8192; synthetic: the seed's 244449)")
-    p.add_argument("--seq-len", type=int, default=128, help="calibration window length (default 128)")
-    p.add_argument("--text", default="mixed", help="calibration text: stdlib | pydoc | docs | mixed | PATH")
-    p.add_argument("--shape", type=int, nargs=2, metavar=("M", "K"), default=None,
-                   help="synthetic layer shape (default the seed's 2560 9728)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--damp", type=float, default=0.01)
-    p.add_argument("--cache-dir", default=None, help="Hessian cache folder, or 'none' (default ~/.cache/sparsekit)")
-    p.add_argument("--format", choices=("rst", "md", "text"), default="rst", help="table format (default rst)")
-    p.add_argument("--per-layer", action="store_true", help="also print one table per layer")
-    p.add_argument("--out", default=None, help="folder for bench.json, tables and loss-vs-time PNGs")
-    p.add_argument("--list-methods", action="store_true", help="list the method variants and whether they run here")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_bench, command_line="sparsekit " + " ".join(sys.argv[1:]))
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``sparsekit bench`` without the rest of the CLI (for scripts and tests): ``main(["--model", ...])``."""
-    parser = argparse.ArgumentParser(prog="sparsekit")
-    parser.add_argument("-v", "--verbose", action="count", default=0)
-    sub = parser.add_subparsers(dest="command")
-    add_cli(sub)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv if argv[:1] == ["bench"] else ["bench"] + argv)
-    args.command_line = "sparsekit " + " ".join(argv if argv[:1] == ["bench"] else ["bench"] + argv)
-    if args.verbose:
-        logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO)
-    try:
-        return args.func(args)
-    except SparsekitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2

@@ -1,7 +1,8 @@
 """``sparsekit`` command line: ``prune``, ``eval``, ``bench``, ``env``.
 
-Each subcommand lives next to the code it drives and registers itself with ``add_cli(subparsers)``;
-this module only dispatches. Progress bars (tqdm) and printing happen here, at the edge.
+One module per subcommand (``cli/prune.py``, ``cli/eval.py``, ``cli/bench.py``), each with ``add_cli(subparsers)``,
+registered in one place (:data:`COMMANDS`); ``env`` is here. Argument parsing, progress bars (tqdm) and printing
+happen in this package only: ``sparsekit.pipeline``, ``sparsekit.bench`` and ``sparsekit.evaluate`` are libraries.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import logging
 import platform
 import sys
 
-#: modules that register subcommands (each defines ``add_cli(subparsers)``)
-_COMMAND_MODULES = ("sparsekit.pipeline", "sparsekit.bench")
+#: modules that register subcommands (each defines ``add_cli(subparsers)``), in the order ``--help`` lists them
+COMMANDS = ("sparsekit.cli.prune", "sparsekit.cli.eval", "sparsekit.cli.bench")
 
 
 def _env(args: argparse.Namespace) -> int:
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _COMMAND_MODULES:
+    for name in COMMANDS:
         importlib.import_module(name).add_cli(sub)
     p = sub.add_parser("env", help="print versions and devices")
     p.set_defaults(func=_env)
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         argv = ["prune"]  # `sparsekit` alone runs the built-in default job
     args = parser.parse_args(argv)
+    args.command_line = "sparsekit " + " ".join(argv)  # recorded in the outputs of `bench --out`
     if args.command is None:
         parser.print_help()
         return 2

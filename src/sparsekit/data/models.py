@@ -181,3 +181,4 @@ def load_model(name_or_path: str, cache_dir: Path | str | None = "default") -> t
     tok = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = auto.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
     return _finish(model), tok
+

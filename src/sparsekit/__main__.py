@@ -1,0 +1,7 @@
+"""``python -m sparsekit``: the ``sparsekit`` command."""
+
+import sys
+
+from sparsekit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,219 @@
+"""``sparsekit prune``: load a model, calibrate, prune, save, print the verdict (progress bars and printing
+live here; the work is :func:`sparsekit.pipeline.prune_model_`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from sparsekit.data.models import MODELS, load_model
+from sparsekit.errors import InputError
+from sparsekit.patterns import get_pattern
+from sparsekit.pipeline import (
+    CHECKPOINT_SUBDIR,
+    DEFAULT_METHOD,
+    DEFAULT_OPTIONS,
+    DEFAULT_PATTERN,
+    PROGRESS_FILE,
+    REPORT_FILE,
+    Progress,
+    PruneConfig,
+    Rule,
+    pattern_name,
+    prune_model_,
+    save_pruned,
+)
+
+__all__ = ["add_cli", "config_from_args", "parse_options"]
+
+def _parse_value(v: str) -> Any:
+    low = v.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def parse_options(items: Sequence[str]) -> dict[str, Any]:
+    """``["k=v", ...]`` → dict with ints, floats, booleans and ``none`` parsed."""
+    out: dict[str, Any] = {}
+    for it in items:
+        k, sep, v = it.partition("=")
+        if not sep or not k:
+            raise InputError(f"option {it!r} must look like key=value (e.g. blocksize=128).")
+        out[k.strip()] = _parse_value(v.strip())
+    return out
+
+
+def _pattern_tag(pattern: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", pattern.replace(":", "of").replace("%", "pct"))
+
+
+def _model_tag(spec: str) -> str:
+    return spec if spec in MODELS else (Path(spec).name or "model")
+
+
+def _is_causal(model: nn.Module) -> bool:
+    from sparsekit.evaluate import is_causal_lm
+
+    return is_causal_lm(model)
+
+
+def _progress_bars() -> tuple[Callable[[Progress], None], Callable[[], None]]:
+    """A ``progress_fn`` drawing two tqdm bars (blocks, layers of the current block), and a closer."""
+    from tqdm.auto import tqdm
+
+    bars: dict[str, Any] = {}
+
+    def fn(ev: Progress) -> None:
+        if ev.event == "start":
+            bars["blocks"] = tqdm(total=ev.num_blocks, initial=ev.block, desc="blocks", unit="block", position=0)
+        elif ev.event == "block_start":
+            if "layers" in bars:
+                bars["layers"].close()
+            bars["layers"] = tqdm(total=ev.num_layers, desc=f"block {ev.block}", unit="layer", position=1, leave=False)
+        elif ev.event == "layer_start" and "layers" in bars:
+            bars["layers"].set_postfix_str(ev.layer.rsplit(".", 2)[-2:][-1] if ev.layer else "")
+        elif ev.event == "layer_done" and "layers" in bars:
+            bars["layers"].update(1)
+        elif ev.event == "block_done" and "blocks" in bars:
+            bars["blocks"].update(1)
+
+    def close() -> None:
+        for b in bars.values():
+            b.close()
+
+    return fn, close
+
+
+def config_from_args(args: argparse.Namespace) -> PruneConfig:
+    """The :class:`PruneConfig` of ``sparsekit prune``'s arguments (no ``--method``: the default method with
+    :data:`DEFAULT_OPTIONS`, which ``--option`` overrides)."""
+    opts = parse_options(args.option)
+    if args.method is None:
+        opts = {**DEFAULT_OPTIONS, **opts}
+    return PruneConfig(
+        pattern=args.pattern,
+        method=args.method or DEFAULT_METHOD,
+        options={k: v for k, v in opts.items() if k not in ("damp", "damp_mode")},
+        rules=[Rule.parse(r) for r in args.rule],
+        skip_incompatible=args.skip_incompatible,
+        damp=float(opts.get("damp", 0.01)),
+        damp_mode=str(opts.get("damp_mode", "mean")),
+        sequential=args.sequential,
+        device=args.device,
+        batch_size=args.batch_size,
+        offload_activations=args.offload,
+        prune_devices=args.prune_devices,
+    )
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    import shutil
+
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    config = config_from_args(args)
+    get_pattern(config.pattern)  # fail fast on a bad pattern
+    out = Path(args.out or Path("sparsekit-out") / f"{_model_tag(args.model)}-{_pattern_tag(args.pattern)}")
+    ckpt_dir = out / CHECKPOINT_SUBDIR
+    if (ckpt_dir / PROGRESS_FILE).exists() and not args.resume:
+        raise InputError(f"{ckpt_dir} holds an unfinished job; pass --resume to continue it, or delete it to restart.")
+
+    model, tokenizer = load_model(args.model)
+    from sparsekit.data.text import load_texts, tokenize_for_calibration
+
+    causal = _is_causal(model)
+    tokens = args.tokens or (16384 if causal else 8192)
+    seq_len = args.seq_len or (512 if causal else 128)
+    texts = load_texts(args.calib, split="calib")
+    calib = tokenize_for_calibration(tokenizer, texts, tokens, seq_len, seed=args.seed)
+    print(f"model {args.model} ({type(model).__name__}); calibration: {args.calib!r} text, "
+          f"{calib.shape[0]} x {calib.shape[1]} = {calib.numel()} tokens; {config.method} at {pattern_name(config.pattern)}")
+
+    progress, close = _progress_bars()
+    try:
+        report = prune_model_(model, config, calib, progress, checkpoint_dir=ckpt_dir, resume=args.resume)
+    finally:
+        close()
+    report.calibration.update(source=args.calib, seed=args.seed)
+    report.extra["model_spec"] = args.model if args.model in MODELS else str(Path(args.model).resolve())
+    save_pruned(model, out, report, tokenizer)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the saved model supersedes the checkpoints
+    print(report.format_table())
+    print(f"saved to {out} (report: {out / REPORT_FILE})")
+
+    if not args.no_eval:
+        from sparsekit.evaluate import evaluate
+
+        dense, _ = load_model(args.model)
+        baselines: dict[str, nn.Module] = {}
+        auto = "sparsegpt" if config.method != "sparsegpt" else "magnitude"
+        baseline = args.baseline if args.baseline != "auto" else (None if causal else auto)
+        t_eval = time.perf_counter()
+        if baseline and baseline != "none" and baseline != config.method:
+            bmodel, _ = load_model(args.model)
+            # the baseline only needs to be comparable, not sequentially exact: one dense pass per block
+            bcfg = dataclasses.replace(config, method=baseline, options={}, rules=(), sequential="block")
+            prune_model_(bmodel, bcfg, calib)
+            baselines[baseline] = bmodel
+        verdict = evaluate(
+            model, dense, tokenizer, baselines=baselines, device=args.device,
+            max_tokens=args.eval_tokens, seq_len=seq_len,
+        )
+        verdict.calibration = f"{args.calib!r} text, {calib.numel()} tokens"
+        print(verdict.format(pruned_label=config.method))
+        print(f"verdict took {time.perf_counter() - t_eval:.1f}s" + (f" (with the {baseline} baseline)" if baselines else ""))
+        report.extra["verdict"] = verdict.to_dict()
+        report.to_json(out / REPORT_FILE)
+    print(f"total wall time {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def add_cli(subparsers: Any) -> None:
+    """Register ``sparsekit prune``."""
+    p = subparsers.add_parser(
+        "prune",
+        help="prune a Hugging Face model to a sparsity pattern (default: built-in MiniLM at 2:4)",
+        description="Prune every linear of a model's blocks with sequential calibration, save it, print the verdict.",
+    )
+    p.add_argument("--model", default="minilm", help="minilm | smollm2 | PATH to a Hugging Face model (default: minilm)")
+    p.add_argument("--pattern", default=DEFAULT_PATTERN, help="default pattern: 2:4, N:M, 2:4-pairs, coupled-2:4, rowpair-16, P%%")
+    p.add_argument("--method", default=None, help=f"default method (default: {DEFAULT_METHOD} with "
+                   + " ".join(f"{k}={v}" for k, v in DEFAULT_OPTIONS.items()) + ")")
+    p.add_argument("--option", action="append", default=[], metavar="K=V", help="method option (repeatable); damp=, damp_mode= apply to all")
+    p.add_argument("--rule", action="append", default=[], metavar="REGEX=METHOD:PATTERN",
+                   help="per-layer rule by module-name regex, first match wins (repeatable); METHOD 'skip' leaves it dense")
+    p.add_argument("--calib", default="mixed", help="calibration text: mixed | stdlib | PATH (file or folder) (default: mixed)")
+    p.add_argument("--tokens", type=int, default=None, help="calibration tokens (default: 8192 encoders, 16384 causal LMs)")
+    p.add_argument("--seq-len", type=int, default=None, help="calibration sequence length (default: 128 encoders, 512 causal LMs)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass")
+    p.add_argument("--sequential", choices=("layer", "block"), default="layer",
+                   help="layer: recompute each stage's inputs after pruning earlier stages (default); block: one dense pass per block")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N: where each block is calibrated and pruned")
+    p.add_argument("--offload", action="store_true", help="keep calibration activations on the CPU between blocks")
+    p.add_argument("--prune-devices", nargs="+", default=None, metavar="DEV",
+                   help="split each layer's rows across these devices for pruning (e.g. cuda:0 cuda:1); methods "
+                        "whose rows are independent only (sparsegpt, true-obs, ...)")
+    p.add_argument("--out", default=None, help="output directory (default: ./sparsekit-out/MODEL-PATTERN)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted job from its last finished block")
+    p.add_argument("--skip-incompatible", action="store_true", help="leave dense the layers the pattern does not tile")
+    p.add_argument("--no-eval", action="store_true", help="skip the verdict (dense vs pruned on held-out text)")
+    p.add_argument("--baseline", default="auto", help="also prune with this method for comparison in the verdict "
+                   "(auto: SparseGPT for encoders (magnitude if the method is SparseGPT), none for causal LMs; 'none' to disable)")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens per text kind for perplexity")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling")
+    p.set_defaults(func=_cmd_prune)
