@@ -79,11 +79,11 @@ def _admm_reference(ws0, hs, layout, z, rho, iters, rho_every):
 @pytest.mark.parametrize("pattern,M,K", [("2:4", 6, 32), ("rowpair-16", 16, 32)])
 def test_admm_iterate_follows_the_equations(pattern, M, K):
     from sparsekit.pruners.admm import admm_iterate
-    from sparsekit.refine import _scaled
+    from sparsekit.hessian import scaled_hessian
 
     W, H, _ = tiny_problem(M, K, seed=8)
     layout = get_pattern(pattern).resolve(M, K)
-    hs, d = _scaled(_hd(H))
+    hs, d = scaled_hessian(_hd(H))
     init = prune_weight(W, H, pattern, "magnitude")
     z0 = init.weight * d
     w, mask, st = admm_iterate(W * d, hs, layout, z0, init.mask, rho=0.05, iters=9, patience=100, rho_every=2)

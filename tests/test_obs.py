@@ -14,7 +14,7 @@ import torch
 from oracles import brute_force_optimum, optimal_loss_for_mask, tiny_problem
 from sparsekit import BlockSpec, InputError, Pattern, PatternError, ScopeSpec, check_mask, get_pattern, prune_weight
 from sparsekit.pruners.obs import StructuredOBS, block_col_indices, block_param_rc, subset_search
-from sparsekit.pruners.sparsegpt import _batch_bounds
+from sparsekit.pruners._common import batch_bounds
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -72,7 +72,7 @@ def _ref_prune(W, H, layout, mode, n_splits=1, damp=0.01):
     M, K = W.shape
     Hd = _damped(H, damp)
     C = torch.linalg.inv(Hd)
-    bounds = _batch_bounds(layout, 1)
+    bounds = batch_bounds(layout, 1)
     G = len(bounds) - 1
     group_of = [max(i for i in range(G) if bounds[i] <= c) for c in layout.cols.flatten(1).min(1).values.tolist()]
     pruned = torch.zeros(M, K, dtype=torch.bool)
@@ -127,7 +127,7 @@ def test_sequential_compensation_equals_reference(pattern, mode, n_splits):
     M, K = SMALL[pattern]
     W, H, _ = tiny_problem(M, K, seed=4)
     layout = get_pattern(pattern).resolve(M, K)
-    G = len(_batch_bounds(layout, 1)) - 1
+    G = len(batch_bounds(layout, 1)) - 1
     n_splits = n_splits or G  # 0: one column group per split
     ref_w, ref_p = _ref_prune(W, H, layout, mode, n_splits)
     opts = {} if mode == "full" else {"n_splits": n_splits}
@@ -220,7 +220,7 @@ def test_loss_at_least_brute_force_optimum(pattern):
     M, K = (16, 32) if pattern == "rowpair-16" else (2, 16)
     W, H, _ = tiny_problem(M, K, seed=2)
     opt, _ = brute_force_optimum(W, H, get_pattern(pattern).resolve(M, K))
-    G = len(_batch_bounds(get_pattern(pattern).resolve(M, K), 1)) - 1
+    G = len(batch_bounds(get_pattern(pattern).resolve(M, K), 1)) - 1
     for method, opts in MODES + [("obs-interleaved", {"n_splits": G})]:
         opts = {k: min(v, G) for k, v in opts.items()}
         assert prune_weight(W, H, pattern, method, **opts).loss >= opt - 1e-12

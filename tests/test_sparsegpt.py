@@ -17,8 +17,8 @@ def test_equals_published_loop(n, m, blocksize):
 
 def test_lazy_batches_never_cut_a_scope():
     from sparsekit import get_pattern
-    from sparsekit.pruners.sparsegpt import _batch_bounds
+    from sparsekit.pruners._common import batch_bounds
 
     lay = get_pattern("coupled-2:4").resolve(4, 64)
-    b = _batch_bounds(lay, 20)  # 20 is not a multiple of the 16-column period
+    b = batch_bounds(lay, 20)  # 20 is not a multiple of the 16-column period
     assert b[0] == 0 and b[-1] == 64 and all(x % 16 == 0 for x in b)

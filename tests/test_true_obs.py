@@ -5,7 +5,8 @@ import torch
 
 from oracles import brute_force_optimum, exact_greedy, tiny_problem
 from sparsekit import InputError, get_pattern, prune_weight
-from sparsekit.pruners.true_obs import TrueOBSChunk, _geometry, scaled_inverse
+from sparsekit.hessian import scaled_inverse
+from sparsekit.pruners.true_obs import TrueOBSChunk, _geometry
 
 # (pattern, M, K): tiny enough for the from-scratch greedy oracle
 GREEDY_CASES = [("2:4", 3, 12), ("3:8", 2, 24), ("2:4-pairs", 2, 16), ("coupled-2:4", 2, 32), ("rowpair-16", 16, 32)]

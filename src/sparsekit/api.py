@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -12,11 +11,12 @@ import torch
 from torch import Tensor
 
 from sparsekit.errors import InputError
-from sparsekit.hessian import check_hessian
+from sparsekit.hessian import DEFAULT_DAMP, check_hessian
 from sparsekit.metrics import relative_error
 from sparsekit.parallel import parse_devices, prune_rows_on_devices
 from sparsekit.patterns import Layout, Pattern, check_mask, get_pattern
 from sparsekit.pruners import get_pruner
+from sparsekit.pruners._common import unknown_options
 from sparsekit.refine import check_refine_options, refine_result
 
 log = logging.getLogger(__name__)
@@ -69,10 +69,8 @@ def _check_weight(weight: Tensor) -> None:
         raise InputError("weight contains NaN or Inf; fix the checkpoint before pruning.")
 
 
-def _check_options(fn: Callable[..., Any], method: str, options: dict[str, Any]) -> None:
-    params = inspect.signature(fn).parameters
-    accepted = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY]
-    unknown = [k for k in options if k not in accepted]
+def _reject_unknown_options(fn: Callable[..., Any], method: str, options: dict[str, Any]) -> None:
+    unknown, accepted = unknown_options(fn, options)
     if unknown:
         raise InputError(f"method {method!r} does not take {', '.join(unknown)}; it takes: {', '.join(accepted)}.")
 
@@ -88,7 +86,7 @@ def prune_weight(
     pattern: "str | Pattern",
     method: str = "sparsegpt",
     *,
-    damp: float = 0.01,
+    damp: float = DEFAULT_DAMP,
     damp_mode: str = "mean",
     inplace: bool = False,
     progress_fn: Callable[[str], None] | None = None,
@@ -138,7 +136,7 @@ def prune_weight(
     pat = get_pattern(pattern)
     layout: Layout = pat.resolve(M, K, device=weight.device)
     fn = get_pruner(method)
-    _check_options(fn, method, options)
+    _reject_unknown_options(fn, method, options)
     check_refine_options(refine, refit, max_sweeps)
     devs = None if devices is None else parse_devices(devices, method)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import inspect
 import json
 import logging
 import math
@@ -30,6 +29,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from sparsekit.hessian import DEFAULT_DAMP
 from sparsekit.errors import InputError, PatternError, SparsekitError
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,7 @@ def parse_variant(spec: str) -> Variant:
 def variant_status(variant: Variant) -> str | None:
     """``None`` if the variant can run here, else why not (method unregistered, module missing, bad option)."""
     from sparsekit.pruners import METHODS, get_pruner
+    from sparsekit.pruners._common import unknown_options
 
     if variant.method not in METHODS:
         return f"method {variant.method!r} is not registered in sparsekit.pruners.METHODS"
@@ -189,9 +190,8 @@ def variant_status(variant: Variant) -> str | None:
         fn = get_pruner(variant.method)
     except (ImportError, AttributeError) as e:
         return f"cannot import {METHODS[variant.method]}: {type(e).__name__}: {e}"
-    accepted = [n for n, p in inspect.signature(fn).parameters.items() if p.kind == p.KEYWORD_ONLY]
+    unknown, accepted = unknown_options(fn, {k: v for k, v in variant.kwargs.items() if k not in REFINE_OPTIONS})
     accepted += REFINE_OPTIONS
-    unknown = [k for k in variant.kwargs if k not in accepted]
     if unknown:
         return f"{variant.method} does not take {', '.join(unknown)} (it takes {', '.join(accepted)})"
     return None
@@ -255,7 +255,7 @@ def run_bench(
     progress: Callable[[int, int, str], None] | None = None,
     *,
     warmup: int = 0,
-    damp: float = 0.01,
+    damp: float = DEFAULT_DAMP,
     strict: bool = False,
 ) -> list[BenchRow]:
     """Prune every layer to every pattern with every variant; one :class:`BenchRow` each.

@@ -17,8 +17,12 @@ from sparsekit.errors import HessianError, InputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HessianAccumulator", "damping_value", "damped_inverse", "damped_hessian", "DampedInverse", "check_hessian"]
+__all__ = ["DEFAULT_DAMP", "HessianAccumulator", "damping_value", "damped_inverse", "damped_hessian", "DampedInverse", "check_hessian",
+           "ScaledInverse", "scaled_inverse", "scaled_hessian"]
 
+#: The default relative damping of every method, the pipeline and the CLI (``λ = 0.01 · mean(diag H)``,
+#: SparseGPT's). :class:`sparsekit.pruners.obs.StructuredOBS` keeps the seed API's own default (1e-4).
+DEFAULT_DAMP = 0.01
 #: Damping escalation: each Cholesky failure multiplies the relative damping by this factor ...
 DAMP_GROWTH = 10.0
 #: ... at most this many times before :class:`HessianError` is raised.
@@ -141,7 +145,7 @@ def _escalate(
 
 
 def damped_hessian(
-    hessian: Tensor, damp: float = 0.01, damp_mode: str = "mean", max_steps: int = MAX_DAMP_STEPS
+    hessian: Tensor, damp: float = DEFAULT_DAMP, damp_mode: str = "mean", max_steps: int = MAX_DAMP_STEPS
 ) -> tuple[Tensor, float, int]:
     """``(H + Λ (K, K), relative damping used, escalations)``: the rule of :func:`damped_inverse`, no inverse."""
     return _escalate(hessian, damp, damp_mode, max_steps,
@@ -150,7 +154,7 @@ def damped_hessian(
 
 def damped_inverse(
     hessian: Tensor,
-    damp: float = 0.01,
+    damp: float = DEFAULT_DAMP,
     damp_mode: str = "mean",
     max_steps: int = MAX_DAMP_STEPS,
     upper: bool = False,
@@ -180,3 +184,29 @@ def damped_inverse(
 
     (inv, chol, up), rel, steps = _escalate(hessian, damp, damp_mode, max_steps, factor)
     return DampedInverse(inv, chol, rel, steps, up)
+
+
+# ---- scale-free coordinates (DESIGN.md §5): one place for both forms ------------------------------------------
+def scaled_hessian(hd: Tensor) -> tuple[Tensor, Tensor]:
+    """``(H̃ = D⁻¹ H_d D⁻¹ (K, K) with unit diagonal, d = sqrt(diag H_d) (K,))``."""
+    d = hd.diagonal().sqrt()
+    return hd / d.unsqueeze(1) / d.unsqueeze(0), d
+
+
+@dataclass
+class ScaledInverse:
+    """``C̃ = D C D`` with ``C = (H + Λ)⁻¹`` and ``D = sqrt(diag(H + Λ))`` (DESIGN.md §5)."""
+
+    C: Tensor  # (K, K) scaled damped inverse, symmetric
+    d: Tensor  # (K,) D
+    damp: float
+    steps: int
+
+
+def scaled_inverse(hessian: Tensor, damp: float, damp_mode: str) -> ScaledInverse:
+    """Damped inverse in scale-free coordinates; ``w̃ = w · d`` are the matching weights."""
+    inv = damped_inverse(hessian, damp, damp_mode)
+    d = inv.chol.square().sum(1).sqrt()  # (K,) sqrt(diag(L Lᵀ)) = sqrt(diag(H + Λ))
+    C = inv.inverse * d[:, None] * d[None, :]
+    C = (C + C.T) / 2
+    return ScaledInverse(C, d, inv.damp, inv.steps)

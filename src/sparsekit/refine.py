@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from sparsekit.errors import HessianError, InputError
-from sparsekit.hessian import damped_hessian
+from sparsekit.hessian import damped_hessian, scaled_hessian
 from sparsekit.kernels import obs_linalg
 from sparsekit.metrics import relative_error
 from sparsekit.patterns import Layout
@@ -79,12 +79,6 @@ def _chunk_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(CHUNK_FREE_FRACTION_CUDA * obs_linalg.free_memory(device))
     return CHUNK_BYTES_CPU
-
-
-def _scaled(hd: Tensor) -> tuple[Tensor, Tensor]:
-    """``(H̃ = D⁻¹ H_d D⁻¹ (K, K) with unit diagonal, d = sqrt(diag H_d) (K,))``."""
-    d = hd.diagonal().sqrt()
-    return hd / d.unsqueeze(1) / d.unsqueeze(0), d
 
 
 def check_refine_options(refine: str | None, refit: bool, max_sweeps: int) -> None:
@@ -212,7 +206,7 @@ def refit(
     K = weight0.shape[1]
     if solver == "auto":
         solver = "direct" if weight0.device.type == "cpu" or K <= 4096 else "cg"
-    hs, d = _scaled(hessian_d)
+    hs, d = scaled_hessian(hessian_d)
     ws = weight0 * d
     if solver == "direct":
         out = _refit_direct(ws, hs, mask)
@@ -456,7 +450,7 @@ def swap_search(
         raise InputError("refine='swap' needs every block inside one row; this pattern has blocks spanning rows.")
     if rtol is None:
         rtol = 1e-10 if dt == torch.float64 else 1e-5
-    hs, dsc = _scaled(hessian_d)
+    hs, dsc = scaled_hessian(hessian_d)
     ws = weight0 * dsc  # (M, K)
     mask = mask.clone()
     group = _row_groups(layout)  # (M,)

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import torch
 
+from sparsekit.hessian import DEFAULT_DAMP
 from sparsekit.bench import (
     SEED_PATTERNS,
     VARIANTS,
@@ -97,7 +98,7 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--shape", type=int, nargs=2, metavar=("M", "K"), default=None,
                    help="synthetic layer shape (default the seed's 2560 9728)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--damp", type=float, default=DEFAULT_DAMP, help=f"relative damping (default {DEFAULT_DAMP})")
     p.add_argument("--cache-dir", default=None, help="Hessian cache folder, or 'none' (default ~/.cache/sparsekit)")
     p.add_argument("--format", choices=("rst", "md", "text"), default="rst", help="table format (default rst)")
     p.add_argument("--per-layer", action="store_true", help="also print one table per layer")

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from sparsekit.hessian import DEFAULT_DAMP
 from sparsekit.data.models import MODELS, load_model
 from sparsekit.errors import InputError
 from sparsekit.patterns import get_pattern
@@ -111,7 +112,7 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
         options={k: v for k, v in opts.items() if k not in ("damp", "damp_mode")},
         rules=[Rule.parse(r) for r in args.rule],
         skip_incompatible=args.skip_incompatible,
-        damp=float(opts.get("damp", 0.01)),
+        damp=float(opts.get("damp", DEFAULT_DAMP)),
         damp_mode=str(opts.get("damp_mode", "mean")),
         sequential=args.sequential,
         device=args.device,

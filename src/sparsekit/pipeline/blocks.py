@@ -16,6 +16,7 @@ from sparsekit.errors import InputError, PatternError
 from sparsekit.patterns import Pattern, get_pattern
 from sparsekit.pipeline.config import SKIP, PruneConfig
 from sparsekit.pruners import get_pruner
+from sparsekit.pruners._common import PASSED_BY_CALLER, unknown_options
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +66,7 @@ class LayerPlan:
 
 
 def _check_method_options(method: str, options: Mapping[str, Any], where: str) -> None:
-    fn = get_pruner(method)
-    params = inspect.signature(fn).parameters
-    accepted = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY and n not in ("damp", "damp_mode", "progress_fn")]
-    unknown = [k for k in options if k not in accepted]
+    unknown, accepted = unknown_options(get_pruner(method), options, PASSED_BY_CALLER)
     if unknown:
         raise InputError(
             f"{where}: method {method!r} does not take option(s) {', '.join(unknown)}; it takes: "

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from sparsekit.hessian import DEFAULT_DAMP
 from sparsekit.errors import InputError
 from sparsekit.parallel import parse_devices
 from sparsekit.patterns import Pattern
@@ -98,7 +99,7 @@ class PruneConfig:
     options: Mapping[str, Any] = field(default_factory=dict)
     rules: Sequence[Rule] = ()
     skip_incompatible: bool = False
-    damp: float = 0.01
+    damp: float = DEFAULT_DAMP
     damp_mode: str = "mean"
     sequential: str = "layer"
     device: str | None = None

@@ -27,19 +27,20 @@ undamped ``H``: the better one is returned (``stats["chosen"]``), so ADMM is nev
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from sparsekit.hessian import DEFAULT_DAMP, damped_hessian, scaled_hessian
 from sparsekit.errors import InputError
 from sparsekit.kernels import obs_linalg
 from sparsekit.metrics import relative_error
 from sparsekit.patterns import Layout
 from sparsekit.pruners import METHODS, PrunerOutput, get_pruner
-from sparsekit.refine import REFIT_SOLVERS, _scaled, damped_hessian, refit
+from sparsekit.pruners._common import PASSED_BY_CALLER, unknown_options
+from sparsekit.refine import REFIT_SOLVERS, refit
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,7 @@ def _check_options(
 
 
 def _check_init_options(fn: Callable[..., Any], init: str, options: dict[str, Any]) -> None:
-    params = inspect.signature(fn).parameters
-    own = ("damp", "damp_mode", "progress_fn")  # passed by admm itself
-    accepted = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY and n not in own]
-    unknown = [k for k in options if k not in accepted]
+    unknown, accepted = unknown_options(fn, options, PASSED_BY_CALLER)  # damp, ... passed by admm itself
     if unknown:
         raise InputError(
             f"init_options for {init!r} has unknown {', '.join(unknown)}; it takes: {', '.join(accepted) or 'none'}."
@@ -145,7 +143,7 @@ def prune_admm(
     hessian: Tensor,
     layout: Layout,
     *,
-    damp: float = 0.01,
+    damp: float = DEFAULT_DAMP,
     damp_mode: str = "mean",
     progress_fn: Callable[[str], None] | None = None,
     init: str = "sparsegpt",
@@ -182,7 +180,7 @@ def prune_admm(
     loss_init = relative_error(w0, winit, hessian)
 
     hd, rel, steps = damped_hessian(hessian, damp, damp_mode)
-    hs, d = _scaled(hd)
+    hs, d = scaled_hessian(hd)
     with obs_linalg.tf32(tf32) if weight.is_cuda else contextlib.nullcontext():
         w_s, mask, st = admm_iterate(
             w0 * d, hs, layout, winit * d, mask0,

@@ -8,7 +8,7 @@ damped_inverse`), ``C = Hd⁻¹ = UᵀU`` (``U`` upper triangular). For one row 
     ΔL(P) = w_P (C_PP)⁻¹ w_Pᵀ,       δw = −w_P (C_PP)⁻¹ C_{P,:}                          (OBS, eq. 2.1)
 
 **Column groups.** The columns are cut into *groups* at every boundary no scope straddles
-(``sparsegpt._batch_bounds``): 4 columns for ``2:4``, 8 for ``2:4-pairs``, 16 for ``coupled-2:4`` and
+(``_common.batch_bounds``): 4 columns for ``2:4``, 8 for ``2:4-pairs``, 16 for ``coupled-2:4`` and
 ``rowpair-16``. In every row a group holds whole scopes (``coupled-2:4``: two scopes of one row).
 
 **Phase 1 (subset search).** For every (row, scope), all ``C(B, B − nnz)`` sets ``S`` of blocks to prune are
@@ -71,12 +71,12 @@ import torch
 from torch import Tensor
 
 from sparsekit.errors import InputError
-from sparsekit.hessian import check_hessian, damped_inverse
+from sparsekit.hessian import DEFAULT_DAMP, check_hessian, damped_inverse
 from sparsekit.metrics import relative_error
 from sparsekit.patterns import Layout, Pattern, ScopeSpec, block_col_indices, block_param_rc, check_mask
 from sparsekit.pruners import PrunerOutput, get_pruner
+from sparsekit.pruners._common import batch_bounds
 from sparsekit.pruners.scoring import shared_scope_inverse, subset_costs, subsets
-from sparsekit.pruners.sparsegpt import _batch_bounds
 
 __all__ = [
     "block_col_indices",
@@ -91,6 +91,9 @@ __all__ = [
 ]
 
 COMPENSATE = ("local", "full", "split", "interleaved")
+#: :class:`StructuredOBS`'s default damping: the seed API's documented default (1e-4), kept for its users;
+#: ``prune_weight`` and the ``obs-*`` methods use :data:`sparsekit.hessian.DEFAULT_DAMP`.
+SEED_API_DAMP = 1e-4
 
 #: columns of one triangular solve in the sequential compensation (rounded to whole groups)
 SEGMENT = 32
@@ -124,7 +127,7 @@ class _Plan:
 
 
 def _plan(layout: Layout) -> _Plan:
-    bounds = _batch_bounds(layout, 1)  # every column boundary that cuts no scope
+    bounds = batch_bounds(layout, 1)  # every column boundary that cuts no scope
     t_rows, t_cols = layout.template
     start = layout.col_span[:, 0]
     group = torch.searchsorted(torch.tensor(bounds, device=start.device), start.contiguous(), right=True) - 1  # (S_c,)
@@ -357,7 +360,7 @@ def _check_options(compensate: str, block_size: Any, n_splits: Any, layout: Layo
         raise InputError(f"n_splits applies to compensate='split' or 'interleaved' only; got n_splits={n_splits} "
                          f"with compensate={compensate!r}.")
     _check_enumerable(layout)
-    G = len(_batch_bounds(layout, 1)) - 1
+    G = len(batch_bounds(layout, 1)) - 1
     if n_splits > G:
         raise InputError(
             f"n_splits={n_splits} exceeds the {G} column groups of pattern {layout.pattern.name!r} at "
@@ -439,7 +442,7 @@ class StructuredOBS:
         self,
         scope: ScopeSpec,
         hessian: Tensor,
-        damp: float = 1e-4,
+        damp: float = SEED_API_DAMP,
         inv_h: Tensor | None = None,
         *,
         weight: Tensor | None = None,
@@ -465,10 +468,11 @@ class StructuredOBS:
         self._dtype: torch.dtype | None = None
 
     @staticmethod
-    def compute_inverse(hessian: Tensor, damp: float = 1e-4) -> Tensor:
-        """``(H + λ I)⁻¹`` with ``λ = damp · mean(diag H)`` if ``damp < 1`` else ``λ = damp``; Cholesky-based,
-        with the damping escalated step by step (logged) if the factorisation fails (:func:`damped_inverse`)."""
-        return damped_inverse(hessian, damp, "mean").inverse
+    def compute_inverse(hessian: Tensor, damp: float = SEED_API_DAMP, damp_mode: str = "mean") -> Tensor:
+        """``(H + Λ)⁻¹`` with ``Λ = λ I``, ``λ = damp · mean(diag H)`` if ``damp < 1`` else ``λ = damp``
+        (``damp_mode="mean"``, the seed's), or ``Λ = damp · diag H`` (``"diag"``); Cholesky-based, with the damping
+        escalated step by step (logged) if the factorisation fails (:func:`damped_inverse`)."""
+        return damped_inverse(hessian, damp, damp_mode).inverse
 
     # -- helpers
     def _bound(self) -> tuple[Tensor, Tensor, torch.dtype]:
@@ -580,7 +584,7 @@ def prune_obs_local(
     hessian: Tensor,
     layout: Layout,
     *,
-    damp: float = 0.01,
+    damp: float = DEFAULT_DAMP,
     damp_mode: str = "mean",
     progress_fn: ProgressFn = None,
     block_size: int = 2048,
@@ -598,7 +602,7 @@ def prune_obs_full(
     hessian: Tensor,
     layout: Layout,
     *,
-    damp: float = 0.01,
+    damp: float = DEFAULT_DAMP,
     damp_mode: str = "mean",
     progress_fn: ProgressFn = None,
     block_size: int = 2048,
@@ -616,7 +620,7 @@ def prune_obs_split(
     hessian: Tensor,
     layout: Layout,
     *,
-    damp: float = 0.01,
+    damp: float = DEFAULT_DAMP,
     damp_mode: str = "mean",
     progress_fn: ProgressFn = None,
     block_size: int = 2048,
@@ -637,7 +641,7 @@ def prune_obs_interleaved(
     hessian: Tensor,
     layout: Layout,
     *,
-    damp: float = 0.01,
+    damp: float = DEFAULT_DAMP,
     damp_mode: str = "mean",
     progress_fn: ProgressFn = None,
     block_size: int = 2048,

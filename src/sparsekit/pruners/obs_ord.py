@@ -27,7 +27,7 @@ Until every scope column is decided, one batch:
 
        C ← C_{F'F'} − C_{F'Q} (C_QQ)⁻¹ C_{QF'}                                            (2.2)
 
-Work runs in the scaled coordinates of :func:`~sparsekit.pruners.true_obs.scaled_inverse` (DESIGN.md §5).
+Work runs in the scaled coordinates of :func:`~sparsekit.hessian.scaled_inverse` (DESIGN.md §5).
 ``C`` itself is always kept in the working dtype (float32, or float64 for float64 inputs) and every solve is
 float32 or wider. ``c_dtype`` (``None``: the working dtype) is the operand dtype of the Schur downdate (2.2),
 the ``O(|Q| · |F|²)`` bulk of the arithmetic: ``Y = L_QQ⁻¹ C_{Q,F'}`` is rounded to ``c_dtype`` and
@@ -55,18 +55,19 @@ import torch
 from torch import Tensor
 
 from sparsekit.errors import InputError
-from sparsekit.kernels.obs_linalg import LOW_PRECISION, baddbmm_, chol_inv_factor, tf32
+from sparsekit.hessian import DEFAULT_DAMP, scaled_inverse
+from sparsekit.kernels.obs_linalg import LOW_PRECISION, baddbmm_, tf32
 from sparsekit.patterns import Layout
 from sparsekit.pruners import PrunerOutput
 from sparsekit.pruners.scoring import obs_cost, shared_scope_inverse, subsets
-from sparsekit.pruners.true_obs import (
-    MAX_SUBSETS,
+from sparsekit.pruners._common import (
+    MAX_JOINT_SUBSETS,
     ORDERS,
     TF32_DEFAULT,
-    ProgressFn,
+    MessageFn,
     check_c_dtype,
+    factor_with_jitter,
     per_row_sets,
-    scaled_inverse,
 )
 
 log = logging.getLogger(__name__)
@@ -75,34 +76,20 @@ __all__ = ["prune_obs_ord"]
 
 #: Bytes of temporaries per slice of rows when scoring and solving (bounds peak memory).
 _SLICE_BYTES = 512 * 2**20
-#: Retries with a growing diagonal jitter when ``C_PP``/``C_QQ`` is not numerically positive definite.
-_JITTER_STEPS = 6
 
 
 def _factor(A: Tensor, what: str, stats: dict[str, Any]) -> Tensor:
-    """``chol_inv_factor`` of ``A (n, q, q)``; matrices that fail get ``jitter · mean diag`` added to the diagonal
-    (1e-6, growing tenfold, at most ``_JITTER_STEPS`` times; counted in ``stats["jitter_steps"]``, logged)."""
-    X, info = chol_inv_factor(A)
-    bad = info > 0
-    jitter = 1e-6
-    for _ in range(_JITTER_STEPS):
-        if not bool(bad.any()):
-            return X
+    """:func:`~sparsekit.pruners._common.factor_with_jitter` of ``A (n, q, q)``, jitter steps counted in
+    ``stats["jitter_steps"]`` and logged."""
+
+    def retry(n_bad: int, jitter: float) -> None:
         stats["jitter_steps"] += 1
         log.warning("obs-ord: %s not positive definite in %d of %d matrices (c_dtype=%s rounding); adding %.0e·mean "
-                    "diag.", what, int(bad.sum()), len(A), stats["c_dtype"], jitter)
-        Ab = A[bad]  # a copy
-        Ab.diagonal(dim1=1, dim2=2).add_(jitter * Ab.diagonal(dim1=1, dim2=2).mean(1, keepdim=True))
-        Xb, ib = chol_inv_factor(Ab)
-        X[bad] = Xb
-        idx = bad.nonzero().flatten()
-        bad = torch.zeros_like(bad)
-        bad[idx[ib > 0]] = True
-        jitter *= 10
-    if bool(bad.any()):
-        raise InputError(f"obs-ord: {what} stayed indefinite after {_JITTER_STEPS} jitter steps; use c_dtype=None "
-                         "(float32), float64 inputs or a larger damp.")
-    return X
+                    "diag.", what, n_bad, len(A), stats["c_dtype"], jitter)
+
+    return factor_with_jitter(A, retry, lambda steps: (
+        f"obs-ord: {what} stayed indefinite after {steps} jitter steps; use c_dtype=None "
+        "(float32), float64 inputs or a larger damp."))
 
 
 def _column_groups(layout: Layout) -> tuple[Tensor, Tensor]:
@@ -144,9 +131,9 @@ def prune_obs_ord(
     hessian: Tensor,
     layout: Layout,
     *,
-    damp: float = 0.01,
+    damp: float = DEFAULT_DAMP,
     damp_mode: str = "mean",
-    progress_fn: ProgressFn = None,
+    progress_fn: MessageFn = None,
     ng: int = 256,
     order: str = "largest_first",
     c_dtype: torch.dtype | None = None,
@@ -178,7 +165,7 @@ def prune_obs_ord(
                              "c_dtype": str(c).replace("torch.", ""), "batches": 0, "jitter_steps": 0}
     if p == 0:
         return PrunerOutput(W.div_(inv.d), ~pruned, inv.damp, stats)
-    if math.comb(B, p) > MAX_SUBSETS:
+    if math.comb(B, p) > MAX_JOINT_SUBSETS:
         raise InputError(f"obs-ord enumerates C({B}, {p}) = {math.comb(B, p)} subsets per scope: too many.")
     t_rows, t_cols = layout.template  # (St, B, e) rows within a chunk of cr rows
     members, first = _column_groups(layout)

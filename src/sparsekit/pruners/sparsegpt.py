@@ -19,27 +19,11 @@ import torch
 from torch import Tensor
 
 from sparsekit.errors import InputError
-from sparsekit.hessian import damped_inverse
+from sparsekit.hessian import DEFAULT_DAMP, damped_inverse
 from sparsekit.kernels.sparsegpt_nm import available, sweep_batch
 from sparsekit.patterns import Layout, top_mask
 from sparsekit.pruners import PrunerOutput
-
-
-def _batch_bounds(layout: Layout, blocksize: int) -> list[int]:
-    """Column boundaries ``0 = b_0 < b_1 < ... = K`` of lazy batches, none inside any scope's column span."""
-    K = layout.num_cols
-    span = layout.col_span.cpu()  # (S, 2)
-    inside = torch.zeros(K + 2, dtype=torch.long)  # inside[c] = #scopes with first < c <= last
-    inside.index_add_(0, span[:, 0] + 1, torch.ones(len(span), dtype=torch.long))
-    inside.index_add_(0, span[:, 1] + 1, -torch.ones(len(span), dtype=torch.long))
-    free = (inside.cumsum(0)[: K + 1] == 0).nonzero().flatten().tolist()  # allowed boundaries
-    bounds, nxt = [0], 0
-    for c in free:
-        if c >= nxt + blocksize or c == K:
-            if c > bounds[-1]:
-                bounds.append(c)
-            nxt = c
-    return bounds
+from sparsekit.pruners._common import batch_bounds
 
 
 #: columns solved at once between mask decisions (a unit-triangular solve per row of this size)
@@ -86,7 +70,7 @@ def prune_sparsegpt(
     hessian: Tensor,
     layout: Layout,
     *,
-    damp: float = 0.01,
+    damp: float = DEFAULT_DAMP,
     damp_mode: str = "mean",
     progress_fn: Callable[[str], None] | None = None,
     blocksize: int = 128,
@@ -113,7 +97,7 @@ def prune_sparsegpt(
     pruned_c = pruned.view(M // R, R, K)  # (chunks, R, K)
 
     fused = _fused_config(layout, blocksize, W)
-    bounds = _batch_bounds(layout, blocksize)
+    bounds = batch_bounds(layout, blocksize)
     for i1, i2 in zip(bounds[:-1], bounds[1:]):
         W1 = W[:, i1:i2].clone()  # (M, n) the batch, updated in place
         U1 = U[i1:i2, i1:i2]  # (n, n)

@@ -53,47 +53,35 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from sparsekit.errors import InputError, PatternError
-from sparsekit.hessian import damped_inverse
-from sparsekit.kernels.obs_linalg import LOW_PRECISION, baddbmm_, chol_inv_factor, free_memory, tf32
+from sparsekit.hessian import DEFAULT_DAMP, scaled_inverse
+from sparsekit.kernels.obs_linalg import LOW_PRECISION, baddbmm_, free_memory, tf32
 from sparsekit.patterns import Layout
 from sparsekit.pruners import PrunerOutput
+from sparsekit.pruners._common import (
+    MAX_JOINT_SUBSETS,
+    ORDERS,
+    TF32_DEFAULT,
+    MessageFn,
+    check_c_dtype,
+    factor_with_jitter,
+    per_row_sets,
+)
 from sparsekit.pruners.scoring import best_subset, independent_choice, shared_scope_inverse, subsets
 
 log = logging.getLogger(__name__)
 
-__all__ = ["prune_true_obs", "TrueOBSChunk", "scaled_inverse", "per_row_sets", "ORDERS", "SCORINGS", "TF32_DEFAULT"]
+__all__ = ["prune_true_obs", "TrueOBSChunk", "SCORINGS"]
 
-ORDERS = ("left_to_right", "largest_first")
 SCORINGS = ("independent", "joint")
-#: Largest subset count the ``joint`` scoring enumerates per scope.
-MAX_SUBSETS = 4096
-#: float32 ``c_dtype`` on CUDA runs the big GEMMs in TF32 (measured within 0.5% of float64: BENCHMARKS.md).
-TF32_DEFAULT = True
-#: Retries with a growing diagonal jitter when ``C_PP`` is not numerically positive definite (16-bit ``U``).
-_JITTER_STEPS = 6
-
-ProgressFn = Callable[[str], None] | None
 
 
 # ---- options ------------------------------------------------------------------------------------------------
-def check_c_dtype(c_dtype: Any) -> torch.dtype | None:
-    """``None`` or a floating ``torch.dtype`` (float16, bfloat16, float32, float64); else :class:`InputError`."""
-    if c_dtype is None:
-        return None
-    if not isinstance(c_dtype, torch.dtype) or not c_dtype.is_floating_point or c_dtype.itemsize < 2:
-        raise InputError(
-            f"c_dtype must be None or a floating torch dtype (torch.float16, torch.bfloat16, torch.float32, "
-            f"torch.float64), got {c_dtype!r}."
-        )
-    return c_dtype
-
-
 def _check_options(ng: Any, chunk_size: Any, order: Any, scoring: Any, c_dtype: Any) -> None:
     if not isinstance(ng, int) or isinstance(ng, bool) or ng < 1:
         raise InputError(f"ng (scopes per step) must be an int >= 1, got {ng!r}.")
@@ -104,26 +92,6 @@ def _check_options(ng: Any, chunk_size: Any, order: Any, scoring: Any, c_dtype: 
     if scoring not in SCORINGS:
         raise InputError(f"scoring must be one of {SCORINGS}, got {scoring!r}.")
     check_c_dtype(c_dtype)
-
-
-# ---- scaling ------------------------------------------------------------------------------------------------
-@dataclass
-class ScaledInverse:
-    """``C̃ = D C D`` with ``C = (H + Λ)⁻¹`` and ``D = sqrt(diag(H + Λ))`` (DESIGN.md §5)."""
-
-    C: Tensor  # (K, K) scaled damped inverse, symmetric
-    d: Tensor  # (K,) D
-    damp: float
-    steps: int
-
-
-def scaled_inverse(hessian: Tensor, damp: float, damp_mode: str) -> ScaledInverse:
-    """Damped inverse in scale-free coordinates; ``w̃ = w · d`` are the matching weights."""
-    inv = damped_inverse(hessian, damp, damp_mode)
-    d = inv.chol.square().sum(1).sqrt()  # (K,) sqrt(diag(L Lᵀ)) = sqrt(diag(H + Λ))
-    C = inv.inverse * d[:, None] * d[None, :]
-    C = (C + C.T) / 2
-    return ScaledInverse(C, d, inv.damp, inv.steps)
 
 
 # ---- the scopes of one chunk of rows ------------------------------------------------------------------------
@@ -165,28 +133,6 @@ def _geometry(layout: Layout, R: int, device: torch.device) -> _Geometry:
     groups = order.view(len(counts), int(counts[0]))
     row_local = bool((flat_r == flat_r[:, :1]).all()) and len(counts) == R
     return _Geometry(rows, cols, groups, row_local, layout.num_prune)
-
-
-def per_row_sets(er: Tensor, ec: Tensor, R: int, uniform: bool) -> tuple[Tensor, Tensor | None]:
-    """Pruned elements ``(er, ec)`` (rows, columns) -> per-row column sets ``(P (R, q), valid (R, q) or None)``.
-
-    ``uniform``: the elements are grouped by row in row order, the same number per row (row-local patterns):
-    ``P`` is a view and ``valid`` None. Otherwise rows get different counts; ``P`` is padded to the largest
-    (padding points at column 0, ``valid`` False).
-    """
-    if uniform:
-        return ec.view(R, -1), None
-    srt = torch.argsort(er, stable=True)
-    er, ec = er[srt], ec[srt]
-    counts = torch.bincount(er, minlength=R)
-    q = int(counts.max())
-    start = counts.cumsum(0) - counts
-    at = torch.arange(er.numel(), device=er.device) - start[er]
-    P = torch.zeros(R, q, dtype=torch.long, device=er.device)
-    valid = torch.zeros(R, q, dtype=torch.bool, device=er.device)
-    P[er, at] = ec
-    valid[er, at] = True
-    return P, valid
 
 
 # ---- one chunk ----------------------------------------------------------------------------------------------
@@ -235,7 +181,7 @@ class TrueOBSChunk:
             self.diag = C0.diagonal().expand(R, K).clone()  # (R, K) diag of each row's C
         else:
             B, e, p = geom.blocks, geom.elems, geom.num_prune
-            if math.comb(B, p) > MAX_SUBSETS:
+            if math.comb(B, p) > MAX_JOINT_SUBSETS:
                 raise InputError(
                     f"scoring='joint' would enumerate C({B}, {p}) = {math.comb(B, p)} subsets per scope; "
                     "use scoring='independent' for this pattern."
@@ -322,29 +268,14 @@ class TrueOBSChunk:
             self.blocks[live] -= (Zs @ Zs.mT) * self.same_row[live]
 
     def _factor(self, Cpp: Tensor) -> Tensor:
-        X, info = chol_inv_factor(Cpp)
-        bad = info > 0
-        jitter = 1e-6
-        for _ in range(_JITTER_STEPS):
-            if not bool(bad.any()):
-                return X
+        def retry(n_bad: int, jitter: float) -> None:
             self.jitter_steps += 1
-            n_bad = int(bad.sum())
             log.warning("C_PP not positive definite in %d rows (rounding of c_dtype=%s); adding %.0e·mean diag.",
                         n_bad, self.c_dtype, jitter)
-            A = Cpp[bad]
-            A.diagonal(dim1=1, dim2=2).add_(jitter * A.diagonal(dim1=1, dim2=2).mean(1, keepdim=True))
-            Xb, ib = chol_inv_factor(A)
-            X[bad] = Xb
-            bad = bad.clone()
-            bad[bad.clone()] = ib > 0
-            jitter *= 10
-        if not bool(bad.any()):
-            return X
-        raise InputError(
-            f"C_PP stayed indefinite after {_JITTER_STEPS} jitter steps: c_dtype={self.c_dtype} is too coarse for "
-            "this layer; use c_dtype=torch.float32 or a larger damp."
-        )
+
+        return factor_with_jitter(Cpp, retry, lambda steps: (
+            f"C_PP stayed indefinite after {steps} jitter steps: c_dtype={self.c_dtype} is too coarse for "
+            "this layer; use c_dtype=torch.float32 or a larger damp."))
 
     def step(self, ng: int, order: str) -> None:
         """One True OBS step: pick ``ng`` scopes per row group, choose their masks, prune their union."""
@@ -388,9 +319,9 @@ def prune_true_obs(
     hessian: Tensor,
     layout: Layout,
     *,
-    damp: float = 0.01,
+    damp: float = DEFAULT_DAMP,
     damp_mode: str = "mean",
-    progress_fn: ProgressFn = None,
+    progress_fn: MessageFn = None,
     ng: int = 64,
     chunk_size: int | None = 16,
     order: str = "left_to_right",
