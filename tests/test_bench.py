@@ -69,7 +69,7 @@ def test_pattern_that_does_not_tile_is_a_skipped_line(capsys):
 def test_unavailable_methods_are_skipped_with_a_note(monkeypatch, layer):
     from sparsekit import pruners
 
-    monkeypatch.setitem(pruners.METHODS, "future", "no_such_module:prune_future")
+    monkeypatch.setitem(pruners.METHODS, "future", pruners.Method("no_such_module:prune_future", "Future", True))
     ghost = B.Variant("ghost", "Ghost", "not-registered")
     future = B.Variant("future", "Future", "future")
     badopt = B.Variant("bad", "SparseGPT bogus", "sparsegpt", (("bogus", 1),))

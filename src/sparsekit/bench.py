@@ -129,16 +129,14 @@ def _parse_value(s: str) -> Any:
     return {"true": True, "false": False, "none": None}.get(s.lower(), s)
 
 
-#: display names of methods in auto-generated labels
-_DISPLAY = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "obs-local": "OBS local",
-            "obs-full": "OBS full", "obs-split": "OBS split", "obs-interleaved": "OBS interleaved",
-            "obs-ord": "OBS-ord", "true-obs": "True OBS", "admm": "ADMM"}
 _ORDER = {"left_to_right": "L2R", "largest_first": "largest-first"}
 
 
 def auto_label(method: str, options: dict[str, Any]) -> str:
     """The seed's style: ``"True OBS ng=16 largest-first"``, ``"OBS interleaved=64"``, ``"OBS-ord ng=256"``."""
-    parts = [_DISPLAY.get(method, method)]
+    from sparsekit.pruners import METHODS
+
+    parts = [METHODS[method].label if method in METHODS else method]
     for k, val in options.items():
         if k == "n_splits" and method in ("obs-interleaved", "obs-split"):
             parts[0] += f"={val}"
@@ -183,13 +181,13 @@ def variant_status(variant: Variant) -> str | None:
 
     if variant.method not in METHODS:
         return f"method {variant.method!r} is not registered in sparsekit.pruners.METHODS"
-    module = METHODS[variant.method].split(":")[0]
+    module = METHODS[variant.method].module
     if importlib.util.find_spec(f"sparsekit.pruners.{module}") is None:
         return f"not available yet (sparsekit/pruners/{module}.py does not exist)"
     try:
         fn = get_pruner(variant.method)
     except (ImportError, AttributeError) as e:
-        return f"cannot import {METHODS[variant.method]}: {type(e).__name__}: {e}"
+        return f"cannot import {METHODS[variant.method].target}: {type(e).__name__}: {e}"
     unknown, accepted = unknown_options(fn, {k: v for k, v in variant.kwargs.items() if k not in REFINE_OPTIONS})
     accepted += REFINE_OPTIONS
     if unknown:

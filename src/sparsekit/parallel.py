@@ -27,12 +27,12 @@ from torch import Tensor
 
 from sparsekit.errors import InputError
 from sparsekit.patterns import Pattern
-from sparsekit.pruners import PrunerOutput
+from sparsekit.pruners import METHODS, PrunerOutput
 
 __all__ = ["ROW_SEPARABLE", "parse_devices", "row_parts", "prune_rows_on_devices"]
 
-#: methods whose result is the same whether rows are pruned together or in parts
-ROW_SEPARABLE = ("magnitude", "wanda", "sparsegpt", "obs-local", "obs-full", "obs-split", "obs-interleaved", "true-obs")
+#: methods whose result is the same whether rows are pruned together or in parts (``Method.row_separable``)
+ROW_SEPARABLE = tuple(name for name, m in METHODS.items() if m.row_separable)
 
 
 def parse_devices(devices: Any, method: str) -> list[torch.device]:

@@ -10,6 +10,7 @@ from sparsekit.hessian import DEFAULT_DAMP
 from sparsekit.errors import InputError
 from sparsekit.parallel import parse_devices
 from sparsekit.patterns import Pattern
+from sparsekit.pruners import METHODS
 
 __all__ = ["DEFAULT_METHOD", "DEFAULT_OPTIONS", "DEFAULT_PATTERN", "SKIP", "Rule", "PruneConfig", "pattern_name"]
 
@@ -17,7 +18,7 @@ __all__ = ["DEFAULT_METHOD", "DEFAULT_OPTIONS", "DEFAULT_PATTERN", "SKIP", "Rule
 #: (True OBS, largest-first, 16 scopes per step: 25-31% below SparseGPT's loss on MiniLM layers; the built-in
 #: MiniLM job takes a few minutes on 2 CPU cores). Its options apply when ``--method`` is left at the default.
 DEFAULT_METHOD = "true-obs"
-DEFAULT_OPTIONS: dict[str, Any] = {"ng": 16, "order": "largest_first", "chunk_size": None}
+DEFAULT_OPTIONS: dict[str, Any] = dict(METHODS[DEFAULT_METHOD].options)
 DEFAULT_PATTERN = "2:4"
 #: A rule whose method is ``SKIP`` leaves the matching linears dense.
 SKIP = "skip"

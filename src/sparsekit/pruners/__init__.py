@@ -1,4 +1,4 @@
-"""The method registry: name -> pure pruning function.
+"""The method table (:data:`METHODS`): name -> pure pruning function, label, row-separability, default options.
 
 Every pruner has the signature::
 
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from torch import Tensor
 
 from sparsekit.errors import InputError
 
-__all__ = ["PrunerOutput", "METHODS", "get_pruner"]
+__all__ = ["PrunerOutput", "Method", "METHODS", "get_pruner"]
 
 
 @dataclass
@@ -31,18 +31,35 @@ class PrunerOutput:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-#: method name -> "module:function" (all modules live in sparsekit.pruners)
-METHODS: dict[str, str] = {
-    "magnitude": "magnitude:prune_magnitude",
-    "wanda": "wanda:prune_wanda",
-    "sparsegpt": "sparsegpt:prune_sparsegpt",
-    "obs-local": "obs:prune_obs_local",
-    "obs-full": "obs:prune_obs_full",
-    "obs-split": "obs:prune_obs_split",
-    "obs-interleaved": "obs:prune_obs_interleaved",
-    "obs-ord": "obs_ord:prune_obs_ord",
-    "true-obs": "true_obs:prune_true_obs",
-    "admm": "admm:prune_admm",
+@dataclass(frozen=True)
+class Method:
+    """One row of the method table: everything sparsekit knows about a method, in one place."""
+
+    target: str  # "module:function" inside sparsekit.pruners
+    label: str  # display name in tables and plots ("True OBS")
+    row_separable: bool  # same result whether rows are pruned together or in parts (prune_weight(devices=...))
+    options: Mapping[str, Any] = field(default_factory=dict)  # default options of `sparsekit prune`
+
+    @property
+    def module(self) -> str:
+        return self.target.split(":")[0]
+
+
+#: THE method table: name -> :class:`Method`. ``sparsekit.parallel.ROW_SEPARABLE``, the pipeline's
+#: ``DEFAULT_OPTIONS`` and the bench labels are read from it.
+METHODS: dict[str, Method] = {
+    "magnitude": Method("magnitude:prune_magnitude", "Magnitude", True),
+    "wanda": Method("wanda:prune_wanda", "Wanda", True),
+    "sparsegpt": Method("sparsegpt:prune_sparsegpt", "SparseGPT", True),
+    "obs-local": Method("obs:prune_obs_local", "OBS local", True),
+    "obs-full": Method("obs:prune_obs_full", "OBS full", True),
+    "obs-split": Method("obs:prune_obs_split", "OBS split", True),
+    "obs-interleaved": Method("obs:prune_obs_interleaved", "OBS interleaved", True),
+    "obs-ord": Method("obs_ord:prune_obs_ord", "OBS-ord", False),
+    # the default of `sparsekit prune`: True OBS, largest-first, 16 scopes per step
+    "true-obs": Method("true_obs:prune_true_obs", "True OBS", True,
+                       {"ng": 16, "order": "largest_first", "chunk_size": None}),
+    "admm": Method("admm:prune_admm", "ADMM", False),
 }
 
 
@@ -50,5 +67,5 @@ def get_pruner(method: str) -> Callable[..., PrunerOutput]:
     """Look up a pruner by name; raises :class:`InputError` naming the known methods."""
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; use one of: {', '.join(METHODS)}.")
-    module, fn = METHODS[method].split(":")
+    module, fn = METHODS[method].target.split(":")
     return getattr(importlib.import_module(f"sparsekit.pruners.{module}"), fn)
