@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from sparsekit.errors import InputError
 from sparsekit.hessian import HessianAccumulator
+from sparsekit.pipeline.blocks import StopForward, block_linears
 from sparsekit.data.text import default_cache_dir, text_fingerprint, tokenize_for_calibration
 
 log = logging.getLogger(__name__)
@@ -61,25 +62,6 @@ class RealLayer:
 
     def to(self, device: torch.device | str) -> "RealLayer":
         return RealLayer(self.name, self.weight.to(device), self.hessian.to(device), self.num_tokens)
-
-
-def _blocks_prefix(model: nn.Module) -> str:
-    """Name of the ``nn.ModuleList`` of transformer blocks: the one holding the most linear layers."""
-    best, count = None, 0
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList):
-            n = sum(isinstance(m, nn.Linear) for m in mod.modules())
-            if n > count:
-                best, count = name, n
-    if best is None:
-        raise InputError(f"{type(model).__name__} has no nn.ModuleList of blocks with linear layers.")
-    return best
-
-
-def block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """``(name, module)`` of every ``nn.Linear`` inside the transformer blocks, in module order."""
-    prefix = _blocks_prefix(model) + "."
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix)]
 
 
 def filter_names(names: Sequence[str], layer_filter: str | None) -> list[str]:
@@ -159,10 +141,6 @@ def _write_cache(path: Path, hess: dict[str, tuple[Tensor, int]], info: dict[str
         log.warning("could not write the Hessian cache %s: %s", path, e)
 
 
-class _Stop(Exception):
-    """Raised by a hook once every wanted layer has seen the batch: the rest of the forward is not needed."""
-
-
 def _accumulate(
     model: nn.Module,
     modules: dict[str, nn.Linear],
@@ -192,7 +170,7 @@ def _accumulate(
             seen[id(x)] = (x, leader[name])
             done.add(name)
             if len(done) == len(modules):
-                raise _Stop
+                raise StopForward  # every wanted layer has seen the batch
 
         return fn
 
@@ -206,7 +184,7 @@ def _accumulate(
                 done: set[str] = set()
                 try:
                     body(input_ids=batch, attention_mask=torch.ones_like(batch))
-                except _Stop:
+                except StopForward:
                     pass
                 if len(done) != len(modules):
                     missing = sorted(set(modules) - done)[:5]

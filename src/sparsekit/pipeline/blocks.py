@@ -20,7 +20,7 @@ from sparsekit.pruners._common import PASSED_BY_CALLER, unknown_options
 
 log = logging.getLogger(__name__)
 
-__all__ = ["find_blocks", "LayerPlan", "plan_layers", "StopForward", "BatchInputs", "BlockInputs", "capture_inputs",
+__all__ = ["find_blocks", "block_linears", "LayerPlan", "plan_layers", "StopForward", "BatchInputs", "BlockInputs", "capture_inputs",
            "run_block", "module_device", "check_tiles"]
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -46,6 +46,13 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             "sparsekit prunes models whose linear layers sit in a list of transformer blocks."
         )
     return best[2], best[3]
+
+
+def block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """``(name, module)`` of every ``nn.Linear`` inside the blocks of :func:`find_blocks`, in module order."""
+    path, _ = find_blocks(model)
+    prefix = f"{path}." if path else ""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix)]
 
 
 @dataclass
