@@ -1,4 +1,5 @@
-"""The seed's benchmark tables (``seeds/benchmark-results.rst``) on any layers: ``sparsekit bench``.
+"""The reference benchmark tables (the seed's ``benchmark-results.rst``: OBS variants, SparseGPT and True OBS on
+Qwen3-4B layer 0) recomputed on any layers: ``sparsekit bench``.
 
 For every layer × pattern × method variant, :func:`run_bench` calls :func:`sparsekit.prune_weight` and records
 the seed's columns — the relative output error ``‖X(W' − W)ᵀ‖_F / ‖XWᵀ‖_F`` ("Norm. Loss", through ``H``),
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "SCHEMA_VERSION",
     "SEED_PATTERNS",
+    "REFERENCE_NAMES",
+    "pattern_title",
     "Variant",
     "VARIANTS",
     "register_variant",
@@ -56,8 +59,11 @@ __all__ = [
 
 #: bump on any incompatible change of the JSON layout; :func:`read_json` refuses newer files
 SCHEMA_VERSION = 1
-#: the four patterns of the seed, in its order
+#: the four patterns of the reference tables (the seed's ``benchmark-results.rst``: Qwen3-4B layer 0, 2560×9728,
+#: measured on a GPU), in their order
 SEED_PATTERNS = ("2:4", "coupled-2:4", "2:4-pairs", "rowpair-16")
+#: the reference tables' own names of our presets, where they differ, so a reader can match the tables
+REFERENCE_NAMES = {"coupled-2:4": "Coupled 2:4", "2:4-pairs": "4:8", "rowpair-16": "16-column, 8-row coupled"}
 #: a variant counts as "matching SparseGPT" in the summary's fast row if its loss is within this factor
 FAST_TOLERANCE = 1.01
 
@@ -477,11 +483,17 @@ def pattern_table(rows: Sequence[BenchRow], pattern: str, fmt: str = "rst") -> s
     return "\n\n".join(parts)
 
 
+def pattern_title(pattern: str) -> str:
+    """``"rowpair-16 (reference tables: 16-column, 8-row coupled)"``; the preset name alone if the tables use it."""
+    ref = REFERENCE_NAMES.get(pattern)
+    return f"{pattern} (reference tables: {ref})" if ref else pattern
+
+
 def format_tables(rows: Sequence[BenchRow], fmt: str = "rst", per_layer: bool = False) -> str:
     """One section per pattern (the aggregate table; with ``per_layer`` also one table per layer)."""
     out = []
     for pat in dict.fromkeys(r.pattern for r in rows):
-        out.append(heading(f"{pat} — {_scope_words(rows, pat)}", fmt))
+        out.append(heading(f"{pattern_title(pat)} — {_scope_words(rows, pat)}", fmt))
         out.append(pattern_table(rows, pat, fmt))
         if per_layer and len({r.layer for r in rows if r.pattern == pat}) > 1:
             for layer in dict.fromkeys(r.layer for r in rows if r.pattern == pat):

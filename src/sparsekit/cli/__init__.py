@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import logging
 import platform
 import sys
@@ -22,20 +23,20 @@ def _env(args: argparse.Namespace) -> int:
 
     import sparsekit
 
-    print(f"sparsekit {sparsekit.__version__}")
-    print(f"python    {platform.python_version()} ({sys.executable})")
-    print(f"torch     {torch.__version__}")
+    print(f"{'sparsekit':<13} {sparsekit.__version__}")
+    print(f"{'python':<13} {platform.python_version()} ({sys.executable})")
+    print(f"{'torch':<13} {torch.__version__}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            print(f"cuda:{i}    {p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs")
+            print(f"{f'cuda:{i}':<13} {p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs")
     else:
-        print("cuda      not available (CPU only)")
-    for mod in ("transformers", "safetensors", "gguf", "tqdm", "matplotlib"):
-        try:
-            print(f"{mod:<9} {importlib.import_module(mod).__dict__.get('__version__', 'installed')}")
-        except ImportError:
-            print(f"{mod:<9} not installed (pip install 'sparsekit[hf]')")
+        print(f"{'cuda':<13} not available (CPU only)")
+    for dist in ("transformers", "safetensors", "gguf", "tqdm", "matplotlib", "accelerate", "sentencepiece"):
+        try:  # the installed distribution's version: no import (transformers/matplotlib load lazily)
+            print(f"{dist:<13} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            print(f"{dist:<13} not installed (pip install 'sparsekit[hf]')")
     return 0
 
 

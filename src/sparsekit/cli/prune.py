@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -73,19 +74,23 @@ def _is_causal(model: nn.Module) -> bool:
     return is_causal_lm(model)
 
 
-def _progress_bars() -> tuple[Callable[[Progress], None], Callable[[], None]]:
-    """A ``progress_fn`` drawing two tqdm bars (blocks, layers of the current block), and a closer."""
+def _progress_bars(desc: str) -> tuple[Callable[[Progress], None], Callable[[], None]]:
+    """A ``progress_fn`` drawing two tqdm bars (``desc``: blocks, layers of the current block), and a closer.
+    Quiet when stderr is not a terminal (log files get no carriage returns or escape codes)."""
     from tqdm.auto import tqdm
 
     bars: dict[str, Any] = {}
+    quiet = not sys.stderr.isatty()
 
     def fn(ev: Progress) -> None:
         if ev.event == "start":
-            bars["blocks"] = tqdm(total=ev.num_blocks, initial=ev.block, desc="blocks", unit="block", position=0)
+            bars["blocks"] = tqdm(total=ev.num_blocks, initial=ev.block, desc=desc, unit="block", position=0,
+                                  disable=quiet)
         elif ev.event == "block_start":
             if "layers" in bars:
                 bars["layers"].close()
-            bars["layers"] = tqdm(total=ev.num_layers, desc=f"block {ev.block}", unit="layer", position=1, leave=False)
+            bars["layers"] = tqdm(total=ev.num_layers, desc=f"block {ev.block}", unit="layer", position=1, leave=False,
+                                  disable=quiet)
         elif ev.event == "layer_start" and "layers" in bars:
             bars["layers"].set_postfix_str(ev.layer.rsplit(".", 2)[-2:][-1] if ev.layer else "")
         elif ev.event == "layer_done" and "layers" in bars:
@@ -131,6 +136,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     get_pattern(config.pattern)  # fail fast on a bad pattern
     out = Path(args.out or Path("sparsekit-out") / f"{_model_tag(args.model)}-{_pattern_tag(args.pattern)}")
     ckpt_dir = out / CHECKPOINT_SUBDIR
+    finished = (out / REPORT_FILE).exists() or any(out.glob("*.safetensors"))
+    if finished and not args.overwrite:
+        raise InputError(f"{out} already holds a pruned model; pass --overwrite to replace it, or choose another --out.")
     if (ckpt_dir / PROGRESS_FILE).exists() and not args.resume:
         raise InputError(f"{ckpt_dir} holds an unfinished job; pass --resume to continue it, or delete it to restart.")
 
@@ -145,7 +153,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     print(f"model {args.model} ({type(model).__name__}); calibration: {args.calib!r} text, "
           f"{calib.shape[0]} x {calib.shape[1]} = {calib.numel()} tokens; {config.method} at {pattern_name(config.pattern)}")
 
-    progress, close = _progress_bars()
+    progress, close = _progress_bars("blocks")
     try:
         report = prune_model_(model, config, calib, progress, checkpoint_dir=ckpt_dir, resume=args.resume)
     finally:
@@ -169,7 +177,14 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             bmodel, _ = load_model(args.model)
             # the baseline only needs to be comparable, not sequentially exact: one dense pass per block
             bcfg = dataclasses.replace(config, method=baseline, options={}, rules=(), sequential="block")
-            prune_model_(bmodel, bcfg, calib)
+            print(f"pruning the {baseline} baseline for the verdict (one dense pass per block)")
+            bprogress, bclose = _progress_bars(f"{baseline} baseline")
+            try:
+                breport = prune_model_(bmodel, bcfg, calib, bprogress)
+            finally:
+                bclose()
+            print(f"{baseline} baseline: mean loss {breport.mean_loss:.1%} over {len(breport.pruned)} linears "
+                  f"({config.method}: {report.mean_loss:.1%})")
             baselines[baseline] = bmodel
         verdict = evaluate(
             model, dense, tokenizer, baselines=baselines, device=args.device,
@@ -211,6 +226,7 @@ def add_cli(subparsers: Any) -> None:
                         "whose rows are independent only (sparsegpt, true-obs, ...)")
     p.add_argument("--out", default=None, help="output directory (default: ./sparsekit-out/MODEL-PATTERN)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted job from its last finished block")
+    p.add_argument("--overwrite", action="store_true", help="replace a pruned model already in --out (else an error)")
     p.add_argument("--skip-incompatible", action="store_true", help="leave dense the layers the pattern does not tile")
     p.add_argument("--no-eval", action="store_true", help="skip the verdict (dense vs pruned on held-out text)")
     p.add_argument("--baseline", default="auto", help="also prune with this method for comparison in the verdict "

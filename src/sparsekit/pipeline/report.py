@@ -114,7 +114,7 @@ class ModelReport:
         lines = [f"{'layer':<{w}}  {'shape':>11}  {'pattern':<8} {'method':<12} {'loss':>8} {'damp':>8} {'time':>7}"]
         for r in self.layers:
             shape = f"{r.shape[0]}x{r.shape[1]}"
-            loss = f"{r.loss:8.4f}" if r.loss is not None else f"{'-':>8}"
+            loss = f"{r.loss:8.2%}" if r.loss is not None else f"{'-':>8}"
             damp = f"{r.damp:8.2g}" if r.damp is not None else f"{'-':>8}"
             line = f"{r.name:<{w}}  {shape:>11}  {r.pattern:<8} {r.method:<12} {loss} {damp} {r.time_s:6.2f}s"
             if r.status != "pruned" or r.note:
@@ -122,12 +122,17 @@ class ModelReport:
             lines.append(line)
         pr = self.pruned
         if pr:
-            mean = sum(r.loss or 0.0 for r in pr) / len(pr)
             lines.append(
                 f"{len(pr)} linears pruned ({len(self.layers) - len(pr)} skipped) in {self.num_blocks} blocks, "
-                f"mean loss {mean:.4f}, pruning time {sum(r.time_s for r in pr):.1f}s, total {self.time_s:.1f}s"
+                f"mean loss {self.mean_loss:.1%}, pruning time {sum(r.time_s for r in pr):.1f}s, total {self.time_s:.1f}s"
             )
         return "\n".join(lines)
+
+    @property
+    def mean_loss(self) -> float | None:
+        """Mean relative output error over the pruned linears (``None`` if none was pruned)."""
+        pr = self.pruned
+        return sum(r.loss or 0.0 for r in pr) / len(pr) if pr else None
 
 
 @dataclass(frozen=True)

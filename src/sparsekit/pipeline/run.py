@@ -381,12 +381,25 @@ def save_pruned(
     report: ModelReport | None = None,
     tokenizer: Any = None,
 ) -> Path:
-    """Write ``model.save_pretrained`` (safetensors), the tokenizer and ``sparsekit_report.json`` to ``out_dir``."""
+    """Write ``model.save_pretrained`` (safetensors), the tokenizer and ``sparsekit_report.json`` to ``out_dir``.
+
+    The weight files get the permissions of any other new file (``0666`` less the umask; safetensors writes them
+    ``0600``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
+    mode = 0o666 & ~_umask()
+    for f in out.glob("*.safetensors*"):
+        f.chmod(mode)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if report is not None:
         report.to_json(out / REPORT_FILE)
     return out
+
+
+def _umask() -> int:
+    """The process umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
