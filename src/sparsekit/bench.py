@@ -1,4 +1,7 @@
 """The reference benchmark tables (the seed's ``benchmark-results.rst``: OBS variants, SparseGPT and True OBS on
+
+Why one file over 500 lines: the variant registry, the run, the tables (RST/Markdown/text), the JSON schema
+and the plots all speak :class:`BenchRow`; each part is short. The command is :mod:`sparsekit.cli.bench`.
 Qwen3-4B layer 0) recomputed on any layers: ``sparsekit bench``.
 
 For every layer × pattern × method variant, :func:`run_bench` calls :func:`sparsekit.prune_weight` and records

@@ -1,5 +1,8 @@
 """Refinements applied after any method: exact refit of the kept weights and best-improvement swap search.
 
+Why one file over 500 lines: refit and swap search are one algorithm — the swap search keeps the refit in
+its swept matrices (eq. 2 below) and both share the chunking of per-row matrices by memory — and are tested together.
+
 Both work on the **damped** objective ``L_d(W') = tr((W' − W) H_d (W' − W)ᵀ)`` with ``H_d = H + Λ`` (the damping
 rule of :func:`sparsekit.hessian.damped_inverse`), which equals the true objective when ``damp = 0`` and ``H``
 is full rank, and stays well posed when ``H`` is singular (dead inputs, fewer tokens than columns). The caller

@@ -7,5 +7,5 @@ Modules (imported on demand; importing this package never initialises CUDA or im
   float32 accumulation and result, an explicit TF32 context, and a blocked batched inverse Cholesky factor.
 
 Every fast path has a torch reference in the same file; CPU runs use the reference (or the same torch code),
-the GPU tests (``tests/test_kernels.py``, ``tests/test_sparsegpt_kernel.py``, marked ``gpu``) compare them.
+the GPU tests (``tests/test_obs_linalg.py``, ``tests/test_sparsegpt_kernel.py``, marked ``gpu``) compare them.
 """

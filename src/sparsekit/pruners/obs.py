@@ -1,5 +1,9 @@
 """Structured OBS (Optimal Brain Surgeon) via BlockSpec/ScopeSpec: the seed's ``StructuredOBS``.
 
+Why one file over 500 lines: it is one algorithm (the seed's structured OBS) with its four compensation modes
+sharing the subset search and the inverse, plus the seed API's ``StructuredOBS`` class that wraps them; the
+modes differ by a few lines each, so splitting them would scatter one sweep over several files.
+
 Compensation modes: ``local``, ``full``, ``split``, ``interleaved`` (DESIGN.md §4; equations of §2).
 
 Notation. ``W (M, K)``, ``Hd = H + Λ`` the damped Hessian (seed's damping rule, :func:`~sparsekit.hessian.
