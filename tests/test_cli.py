@@ -153,3 +153,54 @@ def test_importing_sparsekit_and_every_submodule_never_initialises_cuda() -> Non
     r = subprocess.run([sys.executable, "-c", _NO_CUDA], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert int(r.stdout.strip()) >= 30  # every module was imported (pipeline/, cli/, pruners/, kernels/, data/)
+
+
+#: layers of the package, top (cli) to bottom (errors); a module imports only its own layer or lower ones
+_LAYERS = {"cli": 5, "__main__": 5, "pipeline": 4, "bench": 4, "evaluate": 4, "data": 4, "sparsekit": 4, "api": 3,
+           "pruners": 2, "refine": 2, "parallel": 2, "patterns": 1, "hessian": 1, "metrics": 1, "kernels": 1,
+           "errors": 0}
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Top-level unit (``pipeline``, ``api``, ...; ``sparsekit`` for the package's ``__init__``) -> units it imports."""
+    import ast
+    from pathlib import Path
+
+    import sparsekit
+
+    root = Path(sparsekit.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).with_suffix("").parts
+        unit = "sparsekit" if rel == ("__init__",) else rel[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "sparsekit":
+                    target = parts[1] if len(parts) > 1 else "sparsekit"
+                    if target != unit:
+                        graph.setdefault(unit, set()).add(target)
+    return graph
+
+
+def test_imports_point_down_and_have_no_cycle() -> None:
+    graph = _import_graph()
+    assert set(graph) | {t for ts in graph.values() for t in ts} <= set(_LAYERS)
+    upward = [(a, b) for a, bs in graph.items() for b in bs if _LAYERS[b] > _LAYERS[a]]
+    assert not upward
+    seen: dict[str, int] = {}  # 1 = on the stack, 2 = done
+
+    def visit(u: str, path: list[str]) -> None:
+        assert seen.get(u) != 1, f"import cycle: {' -> '.join(path + [u])}"
+        if seen.get(u) == 2:
+            return
+        seen[u] = 1
+        for v in sorted(graph.get(u, ())):
+            visit(v, path + [u])
+        seen[u] = 2
+
+    for u in sorted(graph):
+        visit(u, [])
+    assert "pipeline" not in graph.get("evaluate", set())  # the old evaluate <-> pipeline cycle
