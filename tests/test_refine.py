@@ -7,11 +7,11 @@ import torch
 
 from oracles import optimal_loss_for_mask, refit as refit_oracle, tiny_problem
 from sparsekit import InputError, get_pattern, prune_weight
+from sparsekit.hessian import scaled_hessian
 from sparsekit.patterns import check_mask
 from sparsekit.pruners import METHODS
 from sparsekit.refine import (
     _candidates,
-    _scaled,
     _swap,
     _sweep,
     damped_hessian,
@@ -126,7 +126,7 @@ def test_refit_lowers_sparsegpt_and_magnitude():
 
 # ---- swap search: exact ΔL and the rank-e updates ------------------------------------------------------------
 def _state(W, Hd, mask):
-    hs, d = _scaled(Hd)
+    hs, d = scaled_hessian(Hd)
     w = W * d
     A = swap_state(w, hs, mask)
     delta = torch.where(mask, torch.bmm(A, (w * ~mask).unsqueeze(2)).squeeze(2), -w)
@@ -147,7 +147,7 @@ def test_swept_matrix_and_refit_deltas(pattern, M, K):
         assert torch.allclose(A[r][R][:, R], -G, atol=1e-9)
         assert torch.allclose(A[r][R][:, P], G @ hs[R][:, P], atol=1e-9)
         assert torch.allclose(A[r][P][:, P], S, atol=1e-9)
-    assert torch.allclose((w + delta) / _scaled(Hd)[1], refit_oracle(W, Hd, mask), atol=1e-9)
+    assert torch.allclose((w + delta) / scaled_hessian(Hd)[1], refit_oracle(W, Hd, mask), atol=1e-9)
     for build_rows in (1, 2):  # built a few rows at a time: the same matrices
         assert torch.equal(swap_state(w, hs, mask, build_rows), A)
 
@@ -204,7 +204,7 @@ def test_swap_updates_equal_the_state_recomputed_from_scratch(pattern, M, K):
         assert torch.equal(m, layout.mask_from_keep(keep))
         A_ref = swap_state(w, hs, m)
         assert torch.allclose(A, A_ref, atol=1e-9 * A_ref.abs().max().item(), rtol=0)
-        d_ref = refit_oracle(W, Hd, m) * _scaled(Hd)[1] - w
+        d_ref = refit_oracle(W, Hd, m) * scaled_hessian(Hd)[1] - w
         assert torch.allclose(d, d_ref, atol=1e-9, rtol=0)
         t = torch.where(m, d, -(d @ hs))
 
