@@ -18,7 +18,7 @@ damped_inverse`), ``C = Hd⁻¹ = UᵀU`` (``U`` upper triangular). For one row 
 **Phase 1 (subset search).** For every (row, scope), all ``C(B, B − nnz)`` sets ``S`` of blocks to prune are
 scored ``w_S (C_SS)⁻¹ w_Sᵀ`` with the frozen ``C`` and the cheapest is chosen (:func:`scoring.best_subset`
 on :func:`scoring.shared_scope_inverse`; a ``rowpair-16`` scope's cost is the sum of its two rows' costs, as
-the cross-row entries of ``C_scope`` are 0). All rows and scopes of a chunk of about ``block_size`` columns are
+the cross-row entries of ``C_scope`` are 0). All rows and scopes of a run of about ``block_size`` columns are
 scored at once; ``block_size`` bounds the memory and never changes the result.
 
 **Sequential frozen-C compensation** (used by ``full``, ``split`` and ``interleaved``). Groups are processed
@@ -141,7 +141,7 @@ def _plan(layout: Layout) -> _Plan:
     return _Plan(bounds, t_rows[order], t_cols[order], order, first)
 
 
-def _chunks(bounds: list[int], g0: int, g1: int, width: int, same_width: bool = False) -> list[tuple[int, int]]:
+def _column_runs(bounds: list[int], g0: int, g1: int, width: int, same_width: bool = False) -> list[tuple[int, int]]:
     """Cut groups ``[g0, g1)`` into consecutive runs of at most ``width`` columns (at least one group each);
     with ``same_width`` a run also never mixes groups of different widths."""
     out, s = [], g0
@@ -205,7 +205,7 @@ def _phase1(
     Wc = W.view(M // R, R, K)
     pruned_c = pruned.view(M // R, R, K)
     e = layout.block_numel
-    for g0, g1 in _chunks(plan.bounds, 0, plan.num_groups, block_size):
+    for g0, g1 in _column_runs(plan.bounds, 0, plan.num_groups, block_size):
         rows, cols, _ = plan.scopes(g0, g1)
         if rows.shape[0] == 0:
             continue
@@ -292,11 +292,11 @@ def _sweep(W: Tensor, pruned: Tensor, Crow: Tensor, a0: int, a: int, c: int, bou
     """Prune groups ``[g0, g1)`` (columns ``[a, c)``) left to right with the frozen inverse ``Cf`` over the free
     columns ``F = [a0, K)``, given ``Crow = Cf[a:c, a0:]`` ``(c − a, K − a0)``. Updates ``W`` in place."""
     M, K = W.shape
-    for b0, b1 in _chunks(bounds, g0, g1, block_size):  # lazy batches
+    for b0, b1 in _column_runs(bounds, g0, g1, block_size):  # lazy batches
         i1, i2 = bounds[b0], bounds[b1]
         Eb = torch.zeros(M, i2 - i1, dtype=W.dtype, device=W.device)  # (M, nb) OBS errors e of the batch
         Cb = Crow[i1 - a : i2 - a]  # (nb, K − a0)
-        for s0, s1 in _chunks(bounds, b0, b1, SEGMENT, same_width=True):
+        for s0, s1 in _column_runs(bounds, b0, b1, SEGMENT, same_width=True):
             j1, j2 = bounds[s0], bounds[s1]
             s, g = j2 - j1, bounds[s0 + 1] - bounds[s0]
             nb = s // g
@@ -357,7 +357,7 @@ def _check_options(compensate: str, block_size: Any, n_splits: Any, layout: Layo
     if compensate not in COMPENSATE:
         raise InputError(f"compensate must be one of {COMPENSATE}, got {compensate!r}.")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise InputError(f"block_size must be a positive int (columns per chunk, e.g. 2048), got {block_size!r}.")
+        raise InputError(f"block_size must be a positive int (columns per lazy batch, e.g. 2048), got {block_size!r}.")
     if isinstance(n_splits, bool) or not isinstance(n_splits, int) or n_splits < 1:
         raise InputError(f"n_splits must be a positive int, got {n_splits!r}.")
     if compensate in ("local", "full") and n_splits != 1:
@@ -409,7 +409,7 @@ def _run(
             U = inv.upper()
             a0, Crow = a, U[a:c, a:c].T @ U[a:c, a:]  # (c − a, K − a)
         if compensate == "interleaved":  # re-select the split's masks with C_k and the current weights
-            for h0, h1 in _chunks(bounds, g0, g1, block_size):
+            for h0, h1 in _column_runs(bounds, g0, g1, block_size):
                 rows, cols, _ = plan.scopes(h0, h1)
                 keep, _, _ = _select(Wc, Crow[:, a - a0 : c - a0], a, rows, cols, layout)
                 pruned_c[:, rows, cols] = ~keep.unsqueeze(-1).expand(-1, -1, -1, e)
@@ -526,7 +526,7 @@ class StructuredOBS:
 
         Args:
             nnz: blocks kept per scope.
-            block_size: columns handled per chunk (memory bound; does not change the result).
+            block_size: columns handled per lazy batch (memory bound; does not change the result).
             compensate: ``"local"``, ``"full"``, ``"split"`` or ``"interleaved"``.
             n_splits: column splits for ``split``/``interleaved`` (1 for the others); at most the number of
                 column groups.
@@ -595,7 +595,7 @@ def prune_obs_local(
 ) -> PrunerOutput:
     """StructuredOBS ``compensate="local"``: phase-1 masks, exact within-scope least-squares compensation.
 
-    ``block_size``: columns per chunk of the phase-1 search and per lazy batch of the compensation; it bounds
+    ``block_size``: columns per run of the phase-1 search and per lazy batch of the compensation; it bounds
     memory and does not change the result.
     """
     return _prune(weight, hessian, layout, damp, damp_mode, progress_fn, "local", block_size, 1)
@@ -613,7 +613,7 @@ def prune_obs_full(
 ) -> PrunerOutput:
     """StructuredOBS ``compensate="full"``: phase-1 masks, sequential frozen-C compensation of all K columns.
 
-    ``block_size``: columns per chunk of the phase-1 search and per lazy batch of the compensation; it bounds
+    ``block_size``: columns per run of the phase-1 search and per lazy batch of the compensation; it bounds
     memory and does not change the result.
     """
     return _prune(weight, hessian, layout, damp, damp_mode, progress_fn, "full", block_size, 1)
@@ -633,7 +633,7 @@ def prune_obs_split(
     """StructuredOBS ``compensate="split"``: phase-1 masks, C recomputed for the unprocessed columns at each of
     ``n_splits`` splits (processed columns frozen).
 
-    ``block_size``: columns per chunk of the phase-1 search and per lazy batch of the compensation; it bounds
+    ``block_size``: columns per run of the phase-1 search and per lazy batch of the compensation; it bounds
     memory and does not change the result.
     ``n_splits``: splits of (nearly) equal numbers of column groups, ``1 <= n_splits <= groups``; 1 is ``full``.
     """
@@ -654,7 +654,7 @@ def prune_obs_interleaved(
     """StructuredOBS ``compensate="interleaved"``: like ``split``, with each split's masks re-selected with
     the current C and weights.
 
-    ``block_size``: columns per chunk of the phase-1 search and per lazy batch of the compensation; it bounds
+    ``block_size``: columns per run of the phase-1 search and per lazy batch of the compensation; it bounds
     memory and does not change the result.
     ``n_splits``: splits of (nearly) equal numbers of column groups, ``1 <= n_splits <= groups``; 1 is ``full``.
     """
