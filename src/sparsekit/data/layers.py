@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from sparsekit.errors import InputError
 from sparsekit.hessian import HessianAccumulator
-from sparsekit.pipeline.blocks import StopForward, block_linears
+from sparsekit.pipeline.blocks import HessianHooks, StopForward, block_linears, probe_inputs
 from sparsekit.data.text import default_cache_dir, text_fingerprint, tokenize_for_calibration
 
 log = logging.getLogger(__name__)
@@ -151,51 +151,37 @@ def _accumulate(
 ) -> dict[str, tuple[Tensor, int]]:
     """One dense forward pass over ``ids (n_seq, seq_len)`` with hooks; ``{name: (H float32, N)}``."""
     device = next(model.parameters()).device
-    accs: dict[str, HessianAccumulator] = {}
-    leader: dict[str, str] = {}  # layer -> layer whose accumulator it shares (same input tensor)
-    seen: dict[int, tuple[Tensor, str]] = {}  # id(input) -> (input kept alive for the batch, layer)
-    first = [True]
-
-    def hook(name: str) -> Callable[..., None]:
-        def fn(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
-            x = inp[0]
-            if first[0]:
-                if id(x) in seen and seen[id(x)][0] is x:
-                    leader[name] = seen[id(x)][1]
-                else:
-                    leader[name] = name
-                    accs[name] = HessianAccumulator(mod.in_features, dtype, device)
-            if leader[name] == name:
-                accs[name].add(x.detach())
-            seen[id(x)] = (x, leader[name])
-            done.add(name)
-            if len(done) == len(modules):
-                raise StopForward  # every wanted layer has seen the batch
-
-        return fn
-
     # BERT-like encoders take an attention mask; decoders run causally on full windows (no padding).
     body = getattr(model, "base_model", model)
-    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
-    try:
-        with torch.no_grad():
+
+    def forward(start: int) -> None:
+        batch = ids[start:start + batch_size].to(device)  # (b, seq_len)
+        body(input_ids=batch, attention_mask=torch.ones_like(batch))
+
+    with torch.no_grad():
+        # the first batch once with probes: layers fed the same input tensor share one accumulator (its leader)
+        order, inputs = probe_inputs(modules, lambda: forward(0))
+        missing = sorted(set(modules) - set(order))[:5]
+        if missing:
+            raise InputError(f"layers {missing} were not called in the forward pass; filter them out.")
+        leader: dict[str, str] = {}
+        owner: dict[int, tuple[Tensor, str]] = {}  # id(input) -> (input, layer)
+        for name in order:
+            x = inputs[name][0]
+            leader[name] = owner[id(x)][1] if id(x) in owner and owner[id(x)][0] is x else name
+            owner.setdefault(id(x), (x, name))
+        calls = sum(len(inputs[n]) for n in order if leader[n] == n)
+        del inputs, owner
+        accs = {n: HessianAccumulator(modules[n].in_features, dtype, device) for n in order if leader[n] == n}
+        with HessianHooks([(modules[n], acc) for n, acc in accs.items()], stop_after=calls) as hooks:
             for start in range(0, ids.shape[0], batch_size):
-                batch = ids[start:start + batch_size].to(device)  # (b, seq_len)
-                done: set[str] = set()
+                hooks.batch()
                 try:
-                    body(input_ids=batch, attention_mask=torch.ones_like(batch))
-                except StopForward:
+                    forward(start)
+                except StopForward:  # every wanted layer has seen the batch
                     pass
-                if len(done) != len(modules):
-                    missing = sorted(set(modules) - done)[:5]
-                    raise InputError(f"layers {missing} were not called in the forward pass; filter them out.")
-                first[0] = False
-                seen.clear()
                 if progress is not None:
                     progress(min(start + batch_size, ids.shape[0]), ids.shape[0])
-    finally:
-        for h in handles:
-            h.remove()
     out = {}
     for name in modules:
         acc = accs[leader[name]]

@@ -7,12 +7,13 @@ import inspect
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from sparsekit.errors import InputError, PatternError
+from sparsekit.hessian import HessianAccumulator
 from sparsekit.patterns import Pattern, get_pattern
 from sparsekit.pipeline.config import SKIP, PruneConfig
 from sparsekit.pruners import get_pruner
@@ -20,7 +21,7 @@ from sparsekit.pruners._common import PASSED_BY_CALLER, unknown_options
 
 log = logging.getLogger(__name__)
 
-__all__ = ["find_blocks", "block_linears", "LayerPlan", "plan_layers", "StopForward", "BatchInputs", "BlockInputs", "capture_inputs",
+__all__ = ["find_blocks", "block_linears", "LayerPlan", "plan_layers", "StopForward", "probe_inputs", "HessianHooks", "BatchInputs", "BlockInputs", "capture_inputs",
            "run_block", "module_device", "check_tiles"]
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -158,6 +159,72 @@ def plan_layers(model: nn.Module, config: PruneConfig) -> tuple[str, nn.ModuleLi
 
 class StopForward(Exception):
     """Raised from a hook to end a forward pass early once the inputs it needed are captured."""
+
+
+def probe_inputs(modules: Mapping[str, nn.Module], run: Callable[[], Any]) -> tuple[list[str], dict[str, list[Tensor]]]:
+    """Run ``run()`` (one forward pass) with hooks recording the input tensor of every call of each module:
+    ``(names in execution order, inputs[name])``. Modules fed the same tensor object share one ``H``."""
+    order: list[str] = []
+    seen: dict[str, list[Tensor]] = {}
+
+    def recorder(name: str) -> Callable[..., None]:
+        def hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            if name not in seen:
+                order.append(name)
+            seen.setdefault(name, []).append(args[0])
+
+        return hook
+
+    handles = [m.register_forward_hook(recorder(n)) for n, m in modules.items()]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return order, seen
+
+
+class HessianHooks:
+    """The one Hessian capture (the pipeline and :mod:`sparsekit.data`): forward hooks adding the input of each
+    ``(module, accumulator)`` source to its accumulator (``H = XᵀX / N``), padded tokens dropped.
+
+    Use as a context (hooks removed on exit, sources released); call :meth:`batch` before each forward.
+    ``stop_after > 0``: a batch's forward is ended (:class:`StopForward`) once that many hooks fired — the rest of
+    the model is not needed.
+    """
+
+    def __init__(self, sources: Sequence[tuple[nn.Module, HessianAccumulator]], stop_after: int = 0):
+        self.sources = list(sources)
+        self.stop_after = stop_after
+        self.calls = 0  # hooks fired in the current batch
+        self.token_mask: Tensor | None = None  # (b, T) bool, True for real tokens
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "HessianHooks":
+        self._handles = [m.register_forward_hook(self._hook(acc)) for m, acc in self.sources]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self.sources, self.token_mask = [], [], None
+
+    def batch(self, token_mask: Tensor | None = None) -> None:
+        self.token_mask = token_mask
+        self.calls = 0
+
+    def _hook(self, acc: HessianAccumulator) -> Callable[..., None]:
+        def hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            x = args[0].detach()  # (b, T, K)
+            m = self.token_mask
+            if m is not None and x.dim() == 3 and x.shape[:2] == m.shape:
+                x = x[m]  # (n_real, K): padded tokens carry no signal
+            acc.add(x)
+            self.calls += 1
+            if self.calls == self.stop_after:
+                raise StopForward
+
+        return hook
 
 
 @dataclass

@@ -46,11 +46,13 @@ from sparsekit.errors import InputError
 from sparsekit.hessian import HessianAccumulator
 from sparsekit.pipeline.blocks import (
     BatchInputs,
+    HessianHooks,
     LayerPlan,
     StopForward,
     capture_inputs,
     module_device,
     plan_layers,
+    probe_inputs,
     run_block,
 )
 from sparsekit.pipeline.checkpoint import CKPT_VERSION, Checkpointer, fingerprint
@@ -251,67 +253,30 @@ def _calibrate_prune_run(
             r = LayerReport(p.name, i, (M, K), pattern_name(p.pattern), p.method, "skipped", note=p.skip_reason or "rule")
             report.layers.append(r)
             emit("layer_done", i, layer=p.name, layer_index=index[p.name], num_layers=n_layers, report=r)
-    current_mask: list[Tensor | None] = [None]
-
     # Probe pass on the first batch: execution order and which linears share an input tensor.
-    order: list[str] = []
-    seen: dict[str, list[Tensor]] = {}
-
-    def recorder(name: str) -> Callable[..., None]:
-        def hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-            if name not in seen:
-                order.append(name)
-            seen.setdefault(name, []).append(args[0])
-
-        return hook
-
-    handles = [p.module.register_forward_hook(recorder(p.name)) for p in active]
-    try:
-        if active:
-            run_block(block, hidden[0], batches[0].block(i), device)
-    finally:
-        for h in handles:
-            h.remove()
+    order, seen = probe_inputs(
+        {p.name: p.module for p in active},
+        lambda: run_block(block, hidden[0], batches[0].block(i), device) if active else None,
+    )
     stages = _stages(active, order, seen, config.sequential)
     calls = {name: len(xs) for name, xs in seen.items()}  # calls per forward of each linear
     del seen
 
     for stage in stages:
-        accs: list[HessianAccumulator | None] = []
-        handles = []
+        accs: list[HessianAccumulator | None] = [
+            HessianAccumulator(group[0].module.in_features, torch.float32, device) for group in stage
+        ]
         # Stop each forward once every group of the stage has its inputs (the rest of the block is not needed).
         expected = sum(calls.get(g[0].name, 0) for g in stage)
         if any(calls.get(g[0].name, 0) == 0 for g in stage):
             expected = 0  # some linear is not reached: run whole passes
-        count = [0]
-        for group in stage:
-            K = group[0].module.in_features
-            acc = HessianAccumulator(K, torch.float32, device)
-            accs.append(acc)
-
-            def hook(mod: nn.Module, args: tuple[Any, ...], out: Any, acc: HessianAccumulator = acc) -> None:
-                x = args[0].detach()  # (b, T, K)
-                m = current_mask[0]
-                if m is not None and x.dim() == 3 and x.shape[:2] == m.shape:
-                    x = x[m]  # (n_real, K): padded tokens carry no signal
-                acc.add(x)
-                count[0] += 1
-                if count[0] == expected:
-                    raise StopForward
-
-            handles.append(group[0].module.register_forward_hook(hook))
-        try:
+        with HessianHooks([(g[0].module, acc) for g, acc in zip(stage, accs)], expected) as hooks:
             for h, inp in zip(hidden, batches):
-                current_mask[0] = inp.token_mask
-                count[0] = 0
+                hooks.batch(inp.token_mask)
                 try:
                     run_block(block, h, inp.block(i), device)
                 except StopForward:
                     pass
-        finally:
-            current_mask[0] = None
-            for hd in handles:
-                hd.remove()
         for g, group in enumerate(stage):
             acc = accs[g]
             H = acc.hessian if acc.num_tokens else None  # (K, K)
