@@ -2,7 +2,8 @@
 
 - :mod:`~sparsekit.pipeline.config`: :class:`PruneConfig`, :class:`Rule` (what to prune and how);
 - :mod:`~sparsekit.pipeline.report`: :class:`LayerReport`, :class:`ModelReport`, :class:`Progress` events;
-- :mod:`~sparsekit.pipeline.blocks`: finding the blocks, planning their linears, capturing inputs, running them;
+- :mod:`~sparsekit.pipeline.blocks`: finding the blocks, planning their linears, capturing inputs, running them,
+  the Hessian hooks (also used by :mod:`sparsekit.data`);
 - :mod:`~sparsekit.pipeline.checkpoint`: per-block checkpoints and resume;
 - :mod:`~sparsekit.pipeline.run`: :func:`prune_model_`, :func:`save_pruned`.
 
