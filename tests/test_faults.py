@@ -310,3 +310,25 @@ def test_escalation_may_exceed_the_bound_only_from_the_callers_damp():
 def test_all_zero_hessian_is_an_error(method):
     W, _ = problem()
     assert_fails_untouched(HessianError, "all zero.*0/0.*attention mask", W, torch.zeros(32, 32), "2:4", method)
+
+
+# ---- found by the property suite (tests/test_properties.py) ------------------------------------------------
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_keep_every_block_is_the_identity(method):
+    # nnz = blocks per scope: StructuredOBS enumerated C(B, 0) subsets into a raw RuntimeError
+    W, H = problem()
+    r = prune_weight(W, H, Pattern(ScopeSpec(BlockSpec((2, 1), chunk_rows=2), (1, 2)), 2), method)
+    assert r.mask.all() and torch.equal(r.weight, W) and r.loss == 0.0
+
+
+@pytest.mark.parametrize("method", ["magnitude", "sparsegpt", "true-obs"])
+@pytest.mark.parametrize("dtype, c", [(torch.float32, 1e-40), (torch.bfloat16, 1e-40), (torch.float64, 1e-310)])
+def test_subnormal_weights(method, dtype, c):
+    # the power of two that normalises a subnormal weight overflowed float32 ("produced NaN/Inf")
+    W, H = problem(seed=6)
+    w = (W.double() * c).to(dtype)
+    r = prune_weight(w, H, "2:4", method)
+    assert torch.isfinite(r.weight).all() and torch.all(r.weight[~r.mask] == 0) and math.isfinite(r.loss)
+    assert torch.equal(r.mask, prune_weight(w.double() / c, H, "2:4", method).mask) or dtype != torch.float64

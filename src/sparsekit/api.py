@@ -158,8 +158,8 @@ def prune_weight(
     devs = None if devices is None else parse_devices(devices, method)
 
     dtype = torch.float64 if torch.float64 in (weight.dtype, hessian.dtype) else torch.float32
-    sw = pow2_scale(weight)
-    sh = pow2_scale(hessian) if damp_mode == "diag" or damp < 1 else 1.0
+    sw = pow2_scale(weight, dtype)
+    sh = pow2_scale(hessian, dtype) if damp_mode == "diag" or damp < 1 else 1.0
     w0 = weight.detach().to(dtype) * sw  # (M, K) exact: a power of two
     h = hessian.detach().to(dtype) * sh  # (K, K)
     _sync(weight.device)

@@ -15,8 +15,9 @@ from torch import Tensor
 __all__ = ["pow2_scale", "quadratic_loss", "relative_error", "relative_error_x"]
 
 
-def pow2_scale(x: Tensor) -> float:
-    """The power of two ``2^-e`` that brings ``max|x|`` into ``[0.5, 1)`` (1.0 for an all-zero ``x``).
+def pow2_scale(x: Tensor, dtype: torch.dtype = torch.float64) -> float:
+    """The power of two ``2^-e`` that brings ``max|x|`` into ``[0.5, 1)`` (1.0 for an all-zero ``x``), clamped to
+    the normal powers of two of ``dtype`` (the dtype it will multiply), so that it and its inverse are finite there.
 
     Multiplying by it is exact (barring underflow of entries ``2^-e`` times below the largest), so scores computed
     from ``x · pow2_scale(x)`` are the same for ``x`` and ``c · x`` whenever ``c`` is a power of two, and equal up
@@ -26,7 +27,8 @@ def pow2_scale(x: Tensor) -> float:
     if amax == 0:
         return 1.0
     _, e = torch.frexp(amax)
-    return math.ldexp(1.0, -int(e))
+    fi = torch.finfo(dtype)
+    return math.ldexp(1.0, min(max(-int(e), math.frexp(fi.tiny)[1] - 1), math.frexp(fi.max)[1] - 1))
 
 
 def quadratic_loss(delta: Tensor, hessian: Tensor) -> Tensor:

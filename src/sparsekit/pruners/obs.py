@@ -472,11 +472,10 @@ class StructuredOBS:
         return damped_inverse(hessian, damp, "mean").inverse
 
     # -- helpers
-    @property
-    def _h_scale(self) -> float:
-        """The power of two ``H`` is multiplied by (scale invariance, as in ``prune_weight``); 1 with absolute
-        damping, which is in ``H``'s units."""
-        return pow2_scale(self.hessian) if self.damp_mode == "diag" or self.damp < 1 else 1.0
+    def _h_scale(self, dtype: torch.dtype) -> float:
+        """The power of two ``H`` is multiplied by in ``dtype`` (scale invariance, as in ``prune_weight``); 1 with
+        absolute damping, which is in ``H``'s units."""
+        return pow2_scale(self.hessian, dtype) if self.damp_mode == "diag" or self.damp < 1 else 1.0
 
     def _bound(self) -> tuple[Tensor, Tensor, torch.dtype]:
         """``(W · 2^a, H · 2^b, dtype)``: the bound weight and H rescaled by :func:`pow2_scale` (exact)."""
@@ -490,12 +489,13 @@ class StructuredOBS:
         if not torch.isfinite(W).all():
             raise InputError("weight contains NaN or Inf.")
         dtype = torch.float64 if torch.float64 in (W.dtype, self.hessian.dtype) else torch.float32
-        return W.detach().to(dtype) * pow2_scale(W), self.hessian.detach().to(dtype) * self._h_scale, dtype
+        w = W.detach().to(dtype) * pow2_scale(W, dtype)  # (M, K)
+        return w, self.hessian.detach().to(dtype) * self._h_scale(dtype), dtype
 
     def _inverse(self, h: Tensor, dtype: torch.dtype) -> _Inverse:
         if self._inv is None or self._dtype != dtype:
             if self.inv_h is not None:
-                self._inv = _Inverse(self.inv_h.detach().to(h.device, dtype) / self._h_scale)
+                self._inv = _Inverse(self.inv_h.detach().to(h.device, dtype) / self._h_scale(dtype))
                 self.stats["damp"] = None
             else:
                 d = damped_inverse(h, self.damp, self.damp_mode)
@@ -508,7 +508,7 @@ class StructuredOBS:
         """Write ``new`` (rescaled by :meth:`_bound`'s power of two) into the bound weight; loss against it."""
         check_mask(mask, layout)
         new = new.masked_fill(~mask, 0.0)
-        new = (new / pow2_scale(self.weight)).to(self.weight.dtype)
+        new = (new / pow2_scale(self.weight, new.dtype)).to(self.weight.dtype)
         if not torch.isfinite(new).all():
             raise InputError(f"pruning produced NaN/Inf; raise damp (now {self.damp}) or use float64.")
         self.loss = relative_error(self.weight, new, self.hessian)
