@@ -332,3 +332,11 @@ def test_subnormal_weights(method, dtype, c):
     r = prune_weight(w, H, "2:4", method)
     assert torch.isfinite(r.weight).all() and torch.all(r.weight[~r.mask] == 0) and math.isfinite(r.loss)
     assert torch.equal(r.mask, prune_weight(w.double() / c, H, "2:4", method).mask) or dtype != torch.float64
+
+
+@pytest.mark.parametrize("nnz", [0, 2])
+def test_swap_search_with_nothing_to_swap(nnz):
+    # every block pruned (or kept): refine="swap" took the min of zero candidates, a raw IndexError
+    W, H = problem()
+    r = prune_weight(W, H, Pattern(ScopeSpec(BlockSpec((1, 1)), (1, 2)), nnz), "magnitude", refine="swap")
+    assert r.sparsity == 1 - nnz / 2 and r.stats["swaps"] == 0
