@@ -162,7 +162,8 @@ def check_power_of_two_scaling(prob: dict, method: str, kw: int, kh: int) -> Non
     W, H = prob["W"], prob["H"]
     for x, k in [(W, kw), (H, kh)]:  # x and x 2^k normal (with margin for compensated weights): exact scaling
         fi, nz = torch.finfo(x.dtype), x.double().abs()[x != 0]
-        assume(nz.min() * 2.0 ** min(k, 0) > fi.tiny * 2.0**30 and nz.max() * 2.0 ** max(k, 0) < fi.max / 2.0**30)
+        assume(not len(nz) or (nz.min() * 2.0 ** min(k, 0) > fi.tiny * 2.0**30
+                               and nz.max() * 2.0 ** max(k, 0) < fi.max / 2.0**30))
     opts = dict(damp=prob["damp"], damp_mode=prob["damp_mode"], refine=prob["refine"], refit=prob["refit"])
     try:
         ref = prune_weight(W, H, prob["pattern"], method, **opts)

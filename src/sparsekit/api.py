@@ -160,12 +160,13 @@ def prune_weight(
     dtype = torch.float64 if torch.float64 in (weight.dtype, hessian.dtype) else torch.float32
     sw = pow2_scale(weight, dtype)
     sh = pow2_scale(hessian, dtype) if damp_mode == "diag" or damp < 1 else 1.0
-    w0 = weight.detach().to(dtype) * sw  # (M, K) exact: a power of two
+    w0 = weight.detach().to(dtype) * sw  # (M, K) a private copy, scaled exactly (a power of two)
     h = hessian.detach().to(dtype) * sh  # (K, K)
     _sync(weight.device)
     t0 = time.perf_counter()
     if devs is None:
-        out = fn(w0.clone(), h, layout, damp=damp, damp_mode=damp_mode, progress_fn=progress_fn, **options)
+        work = w0 if refine is None and not refit else w0.clone()  # refine/refit need the original w0
+        out = fn(work, h, layout, damp=damp, damp_mode=damp_mode, progress_fn=progress_fn, **options)
     else:
         out = prune_rows_on_devices(fn, w0, h, pat, devs, damp=damp, damp_mode=damp_mode, progress_fn=progress_fn,
                                     **options)
