@@ -7,7 +7,7 @@ import torch
 
 from oracles import tiny_problem
 from sparsekit import HessianAccumulator, HessianError, InputError
-from sparsekit.hessian import damped_inverse, damping_value
+from sparsekit.hessian import DampingWarning, damped_inverse, damping_value
 from sparsekit.metrics import relative_error, relative_error_x
 
 
@@ -57,7 +57,7 @@ def test_escalation_reports_and_succeeds(caplog):
     # an indefinite H (eigenvalues 2, -1e-3·): the default damping is too small, escalation fixes it
     Q = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64))[0]
     H = Q @ torch.diag(torch.tensor([2.0, 2, 2, 2, 2, -0.05], dtype=torch.float64)) @ Q.T
-    with caplog.at_level(logging.WARNING, logger="sparsekit.hessian"):
+    with caplog.at_level(logging.WARNING, logger="sparsekit.hessian"), pytest.warns(DampingWarning, match="damp"):
         inv = damped_inverse(H, 0.001)
     assert inv.steps > 0 and inv.damp > 0.001
     assert "raising" in caplog.text

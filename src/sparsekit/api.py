@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -11,8 +12,8 @@ import torch
 from torch import Tensor
 
 from sparsekit.errors import InputError
-from sparsekit.hessian import DEFAULT_DAMP, check_hessian
-from sparsekit.metrics import relative_error
+from sparsekit.hessian import DEFAULT_DAMP, check_damp, check_hessian
+from sparsekit.metrics import pow2_scale, relative_error
 from sparsekit.parallel import parse_devices, prune_rows_on_devices
 from sparsekit.patterns import Layout, Pattern, check_mask, get_pattern
 from sparsekit.pruners import get_pruner
@@ -29,7 +30,9 @@ class PruneResult:
     """What :func:`prune_weight` returns.
 
     ``weight`` has the input's dtype and device, pruned entries exactly 0; ``mask`` is True where kept;
-    ``loss`` is the relative output error ``sqrt(tr(δ H δᵀ) / tr(W H Wᵀ))`` through the undamped H.
+    ``loss`` is the relative output error ``sqrt(tr(δ H δᵀ) / tr(W H Wᵀ))`` through the undamped H, of the
+    returned ``weight`` (in its dtype) against the input (:func:`~sparsekit.metrics.relative_error`; 0 for an
+    all-zero input weight).
     """
 
     weight: Tensor  # (M, K)
@@ -65,6 +68,8 @@ def _check_weight(weight: Tensor) -> None:
         raise InputError(f"weight must be a floating tensor, got {weight.dtype}; cast it with .float().")
     if weight.numel() == 0:
         raise InputError("weight is empty.")
+    if weight.device.type == "meta":
+        raise InputError("weight is on the meta device (no data); load the checkpoint's weights before pruning.")
     if not torch.isfinite(weight).all():
         raise InputError("weight contains NaN or Inf; fix the checkpoint before pruning.")
 
@@ -104,9 +109,10 @@ def prune_weight(
         pattern: a preset name (``"2:4"``, ``"2:4-pairs"``, ``"coupled-2:4"``, ``"rowpair-16"``, ``"50%"``, any
             ``"N:M"``) or a :class:`~sparsekit.Pattern`.
         method: one of ``sparsekit.pruners.METHODS``.
-        damp: damping, the seed's rule: relative to ``mean(diag H)`` if < 1, absolute otherwise.
-        damp_mode: ``"mean"`` (``λ I``) or ``"diag"`` (``damp · diag H``).
-        inplace: write the result into ``weight``.
+        damp: damping, a finite number >= 0, the seed's rule: relative to ``mean(diag H)`` if < 1, absolute
+            otherwise. Checked for every method, including those that ignore it (magnitude, wanda).
+        damp_mode: ``"mean"`` (``λ I``) or ``"diag"`` (``damp · diag H``, needs ``damp < 1``).
+        inplace: ``True`` writes the result into ``weight``; must be a bool.
         progress_fn: called with short progress messages by long-running methods.
         refine: ``"swap"``: after the method, best-improvement in-scope swap search with exact loss changes
             (:func:`sparsekit.refine.swap_search`), then an exact refit; ``None``: off.
@@ -121,6 +127,12 @@ def prune_weight(
             gathered on ``weight``'s device, where ``refine``/``refit`` and the loss then run. ``None``: all on
             ``weight``'s device.
         **options: method options (e.g. ``blocksize`` for SparseGPT); unknown ones raise :class:`InputError`.
+
+    Scale: the method sees ``W`` and ``H`` multiplied by exact powers of two that bring their largest entries
+    into ``[0.5, 1)`` (:func:`~sparsekit.metrics.pow2_scale`), so masks of ``c·W`` equal those of ``W`` (and of
+    ``c·H`` those of ``H``) for any ``c`` the float format holds: bit for bit when ``c`` is a power of two, up to
+    the rounding of ``c·W`` otherwise. ``H`` is rescaled only with relative damping (``damp < 1`` or
+    ``damp_mode="diag"``): an absolute ``damp`` is in ``H``'s units.
     """
     _check_weight(weight)
     M, K = weight.shape
@@ -133,6 +145,9 @@ def prune_weight(
     if hessian.dtype not in (torch.float32, torch.float64):
         raise InputError(f"hessian must be float32 or float64 (got {hessian.dtype}); accumulate it in float32.")
     check_hessian(hessian, K)
+    check_damp(damp, damp_mode)
+    if not isinstance(inplace, bool):
+        raise InputError(f"inplace must be True or False, got {inplace!r}.")
     pat = get_pattern(pattern)
     layout: Layout = pat.resolve(M, K, device=weight.device)
     fn = get_pruner(method)
@@ -141,12 +156,15 @@ def prune_weight(
     devs = None if devices is None else parse_devices(devices, method)
 
     dtype = torch.float64 if torch.float64 in (weight.dtype, hessian.dtype) else torch.float32
-    w0 = weight.detach().to(dtype)
-    h = hessian.detach().to(dtype)
+    sw = pow2_scale(weight, dtype)
+    sh = pow2_scale(hessian, dtype) if damp_mode == "diag" or damp < 1 else 1.0
+    w0 = weight.detach().to(dtype) * sw  # (M, K) a private copy, scaled exactly (a power of two)
+    h = hessian.detach().to(dtype) * sh  # (K, K)
     _sync(weight.device)
     t0 = time.perf_counter()
     if devs is None:
-        out = fn(w0.clone(), h, layout, damp=damp, damp_mode=damp_mode, progress_fn=progress_fn, **options)
+        work = w0 if refine is None and not refit else w0.clone()  # refine/refit need the original w0
+        out = fn(work, h, layout, damp=damp, damp_mode=damp_mode, progress_fn=progress_fn, **options)
     else:
         out = prune_rows_on_devices(fn, w0, h, pat, devs, damp=damp, damp_mode=damp_mode, progress_fn=progress_fn,
                                     **options)
@@ -167,9 +185,16 @@ def prune_weight(
         new = new.masked_fill(~mask, 0.0)
     _sync(weight.device)
     elapsed = time.perf_counter() - t0
-    loss = relative_error(w0, new, h)
+    new = (new / sw).to(weight.dtype)
+    if not torch.isfinite(new).all():
+        raise InputError(f"the pruned weights overflow {weight.dtype}; prune a float32 copy of the weight.")
+    loss = relative_error(weight, new, hessian)
+    if not math.isfinite(loss):
+        raise InputError(
+            "the layer's output X Wᵀ is zero on the calibration data (W lies in the null space of H) but the pruned "
+            "one is not; there is nothing to preserve: skip this layer or calibrate on inputs that reach it."
+        )
     log.debug("%s %s (%d, %d): loss %.4f in %.3fs", method, pat.name, M, K, loss, elapsed)
-    new = new.to(weight.dtype)
     if inplace:
         with torch.no_grad():
             weight.copy_(new)

@@ -7,8 +7,13 @@ numbers of long calibration runs in range.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
+import warnings
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
+
+import numpy as np
 
 import torch
 from torch import Tensor
@@ -17,36 +22,76 @@ from sparsekit.errors import HessianError, InputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_DAMP", "HessianAccumulator", "damping_value", "damped_inverse", "damped_hessian", "DampedInverse", "check_hessian",
-           "ScaledInverse", "scaled_inverse", "scaled_hessian"]
+__all__ = [
+    "DEFAULT_DAMP",
+    "HessianAccumulator",
+    "DampingWarning",
+    "check_damp",
+    "damping_value",
+    "damped_inverse",
+    "damped_hessian",
+    "DampedInverse",
+    "check_hessian",
+    "ScaledInverse",
+    "scaled_inverse",
+    "scaled_hessian",
+]
 
 #: The default relative damping of every method, the pipeline and the CLI (``λ = 0.01 · mean(diag H)``,
 #: SparseGPT's). :class:`sparsekit.pruners.obs.StructuredOBS` keeps the seed API's own default (1e-4).
 DEFAULT_DAMP = 0.01
 #: Damping escalation: each Cholesky failure multiplies the relative damping by this factor ...
 DAMP_GROWTH = 10.0
-#: ... at most this many times before :class:`HessianError` is raised.
+#: ... at most this many times ...
 MAX_DAMP_STEPS = 6
+#: ... and never past this relative damping (or the caller's own, if larger): an H that needs more is not
+#: ``XᵀX`` up to rounding, and :class:`HessianError` is raised instead of pruning with a damping-dominated H.
+MAX_ESCALATED_DAMP = 0.1
+
+
+class DampingWarning(UserWarning):
+    """The damping had to be escalated past the caller's value for the Cholesky factorisation to succeed."""
 
 
 class HessianAccumulator:
     """Streaming ``H = XᵀX / N`` over batches of inputs of any leading shape ``(..., K)``.
 
     ``N`` counts tokens (rows of X) exactly; adding batches one by one equals one pass over all of them.
+    Inputs are detached (no autograd graph is kept, so a model's activations can be added as they come), and
+    may be floating tensors on any device or floating numpy arrays (converted with ``torch.from_numpy``).
     """
 
     def __init__(self, num_features: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
+            raise InputError(
+                f"num_features must be a positive int (the layer's input size K), got {num_features!r}."
+            )
         if dtype not in (torch.float32, torch.float64):
             raise InputError(f"accumulate in float32 or float64, got {dtype}.")
-        self.num_features = num_features
-        self._sum = torch.zeros(num_features, num_features, dtype=dtype, device=device)  # (K, K) Σ x xᵀ
+        self.num_features = int(num_features)
+        dev = as_device(device, "HessianAccumulator(device=...)")
+        self._sum = torch.zeros(self.num_features, self.num_features, dtype=dtype, device=dev)  # (K, K) Σ x xᵀ
         self.num_tokens = 0
 
-    def add(self, x: Tensor) -> None:
-        """Add a batch ``x (..., K)``."""
-        if x.shape[-1] != self.num_features:
-            raise InputError(f"inputs have {x.shape[-1]} features, the accumulator expects {self.num_features}.")
-        x = x.reshape(-1, self.num_features).to(device=self._sum.device, dtype=self._sum.dtype)  # (n, K)
+    def add(self, x: "Tensor | np.ndarray") -> None:
+        """Add a batch ``x (..., K)``: a floating tensor or numpy array with at least one dimension."""
+        if isinstance(x, np.ndarray):
+            if not np.issubdtype(x.dtype, np.floating):
+                raise InputError(f"calibration inputs must be floating, got a numpy array of {x.dtype}.")
+            x = torch.from_numpy(x)
+        if not isinstance(x, Tensor):
+            raise InputError(
+                f"calibration inputs must be a tensor (..., {self.num_features}), got {type(x).__name__}; "
+                "convert it with torch.as_tensor(x, dtype=torch.float32)."
+            )
+        if x.dim() == 0 or x.shape[-1] != self.num_features:
+            got = "a 0-D tensor" if x.dim() == 0 else f"{x.shape[-1]} features"
+            raise InputError(f"inputs have {got}, the accumulator expects (..., {self.num_features}).")
+        if not x.is_floating_point():
+            raise InputError(f"calibration inputs must be floating activations, got {x.dtype}.")
+        if x.device.type == "meta":
+            raise InputError("calibration inputs are on the meta device (no data); load the model's weights first.")
+        x = x.detach().reshape(-1, self.num_features).to(device=self._sum.device, dtype=self._sum.dtype)  # (n, K)
         if not torch.isfinite(x).all():
             raise InputError("calibration inputs contain NaN or Inf; check the model's forward pass in this dtype.")
         self._sum.addmm_(x.T, x)
@@ -68,6 +113,8 @@ def check_hessian(hessian: Tensor, num_cols: int) -> None:
         )
     if not hessian.is_floating_point():
         raise InputError(f"hessian must be a floating tensor, got {hessian.dtype}.")
+    if hessian.device.type == "meta":
+        raise InputError("hessian is on the meta device (no data); compute it from real inputs.")
     if not torch.isfinite(hessian).all():
         raise InputError("hessian contains NaN or Inf; recompute it from finite inputs.")
     h = hessian.double()
@@ -78,12 +125,49 @@ def check_hessian(hessian: Tensor, num_cols: int) -> None:
         raise HessianError(
             "hessian has negative diagonal entries, so it is not positive semi-definite; it must be XᵀX of real inputs."
         )
+    if not (h.diagonal() > 0).any():
+        raise HessianError(
+            "hessian is all zero (the layer saw only zero inputs), so the loss is 0/0; check the calibration data "
+            "(e.g. an all-zero attention mask) or skip this layer."
+        )
+
+
+def as_device(device: Any, what: str, need_index: bool = False) -> torch.device:
+    """``torch.device(device)`` for a device that exists here (a CUDA one with its index if ``need_index``);
+    :class:`InputError` naming ``what`` otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"{what}: {device!r} is not a device name ({e}); use e.g. 'cpu' or 'cuda:0'.") from None
+    if dev.type == "cuda" and need_index and dev.index is None:
+        raise InputError(f"{what}: give CUDA devices with their index ('cuda:0', 'cuda:1'), got {device!r}.")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise InputError(
+            f"{what}: {device!r} does not exist here ({torch.cuda.device_count()} CUDA devices); use 'cpu' or one "
+            "of them."
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"{what}: sparsekit runs on 'cpu' or 'cuda', got {device!r}.")
+    return dev
+
+
+def check_damp(damp: Any, damp_mode: Any = "mean") -> None:
+    """Raise :class:`InputError` unless ``damp`` is a finite real ``>= 0`` (``< 1`` in mode ``"diag"``) and
+    ``damp_mode`` one of :data:`DAMP_MODES`."""
+    if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not math.isfinite(damp) or damp < 0:
+        raise InputError(
+            f"damp must be a finite number >= 0 (relative to mean(diag H) if < 1, absolute otherwise), got "
+            f"{damp!r}; the usual value is 0.01."
+        )
+    if not isinstance(damp_mode, str) or damp_mode not in DAMP_MODES:
+        raise InputError(f"damp_mode must be one of {DAMP_MODES}, got {damp_mode!r}.")
+    if damp_mode == "diag" and not damp < 1:
+        raise InputError(f"damp_mode='diag' needs 0 <= damp < 1 (a fraction of each diag H_jj), got {damp}.")
 
 
 def damping_value(hessian: Tensor, damp: float) -> float:
     """The seed's rule: ``λ = damp · mean(diag H)`` if ``damp < 1``, else ``λ = damp`` (absolute)."""
-    if damp < 0:
-        raise InputError(f"damp must be >= 0, got {damp}.")
+    check_damp(damp)
     if damp < 1.0:
         return damp * hessian.diagonal().mean().item()
     return float(damp)
@@ -110,18 +194,17 @@ def _escalate(
     """The damping rule with step-by-step escalation: ``(factor(H + Λ), relative damping, escalations)``.
 
     ``factor`` returns ``None`` when ``H + Λ`` fails it (a Cholesky factorisation, say); the damping then grows
-    by ``DAMP_GROWTH`` (logged) up to ``max_steps`` times, past which :class:`HessianError` is raised.
-    Dead inputs (``H_jj = 0``) get ``H_jj = 1`` first.
+    by ``DAMP_GROWTH`` (logged) up to ``max_steps`` times and up to a relative damping of
+    ``max(MAX_ESCALATED_DAMP, the caller's)``, past which :class:`HessianError` is raised. A result that needed
+    escalations also emits a :class:`DampingWarning`. Dead inputs (``H_jj = 0``) get ``H_jj = 1`` first.
     """
-    if damp_mode not in DAMP_MODES:
-        raise InputError(f"damp_mode must be one of {DAMP_MODES}, got {damp_mode!r}.")
-    if damp_mode == "diag" and not 0 <= damp < 1:
-        raise InputError(f"damp_mode='diag' needs 0 <= damp < 1, got {damp}.")
+    check_damp(damp, damp_mode)
     h = hessian.clone()
     dead = h.diagonal() == 0
     h.diagonal()[dead] = 1.0
     mean_diag = h.diagonal().mean().item()
     lam = damping_value(h, damp) if damp_mode == "mean" else damp
+    bound = max(MAX_ESCALATED_DAMP, lam / mean_diag if damp_mode == "mean" else lam)
     for step in range(max_steps + 1):
         hd = h.clone()
         if damp_mode == "mean":
@@ -132,15 +215,21 @@ def _escalate(
         out = factor(hd)
         if out is not None:
             if step:
-                log.warning("Cholesky succeeded with relative damping %.3g after %d escalations.", rel, step)
+                msg = (f"the Hessian needed relative damping {rel:.3g} (asked: {damp}) after {step} escalations: it "
+                       "is not XᵀX up to rounding, or badly conditioned; check it, or pass a larger damp.")
+                log.warning("%s", msg)
+                warnings.warn(msg, DampingWarning, stacklevel=3)
             return out, rel, step
         new = lam * DAMP_GROWTH if lam > 0 else 1e-8 * (mean_diag if damp_mode == "mean" else 1.0)
+        if (new / mean_diag if damp_mode == "mean" else new) > bound * (1 + 1e-9):
+            break
         log.warning("Cholesky of the damped H failed at relative damping %.3g; raising it to %.3g.",
                     rel, new / mean_diag if damp_mode == "mean" else new)
         lam = new
     raise HessianError(
-        f"the damped Hessian is not positive definite even at relative damping {rel:.3g} after {max_steps} "
-        "escalations: H is not PSD (not XᵀX of real inputs) or is badly conditioned; check it or pass a larger damp."
+        f"the damped Hessian is not positive definite even at relative damping {rel:.3g} after {step} "
+        f"escalations (bound: {bound:.3g}): H is not PSD (not XᵀX of real inputs) or is badly conditioned; check "
+        "it, compute it in float64, or pass a larger damp."
     )
 
 

@@ -1,28 +1,57 @@
 """The layer objective and the seed's reported metric (DESIGN.md §1).
 
 ``L(W') = ‖X (W' − W)ᵀ‖²_F = tr((W' − W) H (W' − W)ᵀ)``; the seed's "Norm. Loss" is the relative output error
-``sqrt(L / tr(W H Wᵀ))``. Both are computed in float64.
+``sqrt(L / tr(W H Wᵀ))``. Both are computed in float64, on ``W`` and ``H`` brought to unit scale by exact powers
+of two (:func:`pow2_scale`), so no scale the input's float format can hold overflows or underflows them.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-__all__ = ["quadratic_loss", "relative_error", "relative_error_x"]
+__all__ = ["pow2_scale", "quadratic_loss", "relative_error", "relative_error_x"]
+
+
+def pow2_scale(x: Tensor, dtype: torch.dtype = torch.float64) -> float:
+    """The power of two ``2^-e`` that brings ``max|x|`` into ``[0.5, 1)`` (1.0 for an all-zero ``x``), clamped to
+    the normal powers of two of ``dtype`` (the dtype it will multiply), so that it and its inverse are finite there.
+
+    Multiplying by it is exact (barring underflow of entries ``2^-e`` times below the largest), so scores computed
+    from ``x · pow2_scale(x)`` are the same for ``x`` and ``c · x`` whenever ``c`` is a power of two, and equal up
+    to the rounding of ``c · x`` itself for any other ``c``.
+    """
+    amax = x.detach().abs().max().double()
+    if amax == 0:
+        return 1.0
+    _, e = torch.frexp(amax)
+    fi = torch.finfo(dtype)
+    return math.ldexp(1.0, min(max(-int(e), math.frexp(fi.tiny)[1] - 1), math.frexp(fi.max)[1] - 1))
 
 
 def quadratic_loss(delta: Tensor, hessian: Tensor) -> Tensor:
-    """Per-row ``δw_r H δw_rᵀ`` for ``delta (M, K)``: ``(M,)`` float64."""
+    """Per-row ``δw_r H δw_rᵀ`` for ``delta (M, K)``: ``(M,)`` float64 (no rescaling; see :func:`relative_error`)."""
     d = delta.double()
     return ((d @ hessian.double()) * d).sum(1)
 
 
 def relative_error(weight: Tensor, pruned: Tensor, hessian: Tensor) -> float:
-    """``sqrt(tr(δ H δᵀ) / tr(W H Wᵀ))`` with ``δ = pruned − weight``: the relative output error through H."""
-    num = quadratic_loss(pruned.double() - weight.double(), hessian).sum()
-    den = quadratic_loss(weight, hessian).sum()
-    return float((num / den.clamp_min(1e-300)).sqrt())
+    """``sqrt(tr(δ H δᵀ) / tr(W H Wᵀ))`` with ``δ = pruned − weight``: the relative output error through H.
+
+    ``W``, ``W'`` and ``H`` are rescaled by exact powers of two first; a numerator that rounding makes slightly
+    negative (low-rank ``H``) is clamped at 0 before the root, so the result is never NaN. ``tr(W H Wᵀ) = 0``
+    (a zero output to preserve) gives 0 if ``δ H δᵀ`` is 0 too and ``inf`` otherwise.
+    """
+    sw, sh = pow2_scale(weight), pow2_scale(hessian)
+    w = weight.double() * sw  # (M, K)
+    h = hessian.double() * sh  # (K, K)
+    num = quadratic_loss(pruned.double() * sw - w, h).sum().clamp_min(0.0).item()
+    den = quadratic_loss(w, h).sum().item()
+    if den <= 0:
+        return 0.0 if num == 0 else math.inf
+    return math.sqrt(num / den)
 
 
 def relative_error_x(weight: Tensor, pruned: Tensor, inputs: Tensor) -> float:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from sparsekit.errors import InputError
+from sparsekit.hessian import as_device
 from sparsekit.patterns import Pattern
 from sparsekit.pruners import METHODS, PrunerOutput
 
@@ -47,16 +48,7 @@ def parse_devices(devices: Any, method: str) -> list[torch.device]:
         )
     out = []
     for d in devices:
-        try:
-            dev = torch.device(d)
-        except (RuntimeError, TypeError) as e:
-            raise InputError(f"devices: {d!r} is not a device name ({e}); use e.g. 'cuda:0' or 'cpu'.") from None
-        if dev.type == "cuda":
-            if dev.index is None:
-                raise InputError(f"devices: give CUDA devices with their index ('cuda:0', 'cuda:1'), got {d!r}.")
-            if dev.index >= torch.cuda.device_count():
-                raise InputError(f"devices: {d!r} does not exist here ({torch.cuda.device_count()} CUDA devices).")
-        out.append(dev)
+        out.append(as_device(d, "devices", need_index=True))
     if len(set(out)) != len(out) and any(d.type == "cuda" for d in out):
         raise InputError(f"devices: each CUDA device may appear once, got {[str(d) for d in out]}.")
     return out

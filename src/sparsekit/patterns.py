@@ -26,6 +26,7 @@ Every algorithm works on a :class:`Layout` — the pattern resolved against a co
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -147,17 +148,32 @@ class ScopeSpec:
 class Pattern:
     """A scope structure plus how many blocks each scope keeps.
 
-    ``nnz`` is an int (blocks kept per scope) or a fraction in (0, 1) of the blocks per scope (rounded).
+    ``nnz`` is an int in ``[0, B]`` (blocks kept per scope, ``B`` blocks per scope; 0 and ``B`` are honoured
+    exactly) or a fraction in (0, 1) of the blocks per scope, rounded to the nearest int, which must then keep
+    at least one block and prune at least one (a fraction that rounds to 0% or 100% sparsity is an error).
     """
 
     scope: ScopeSpec
     nnz: int | float
     name: str = field(default="custom", compare=False)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.nnz, bool) or not isinstance(self.nnz, numbers.Real) or not math.isfinite(self.nnz):
+            raise PatternError(
+                f"nnz must be an int (blocks kept per scope) or a fraction in (0, 1), got {self.nnz!r}."
+            )
+
     def keep(self, num_cols: int) -> int:
         bps = self.scope.blocks_per_scope(num_cols)
-        if isinstance(self.nnz, float) and 0 < self.nnz < 1:
-            return int(round(self.nnz * bps))
+        if 0 < self.nnz < 1:
+            k = round(self.nnz * bps)
+            if not 0 < k < bps:
+                raise PatternError(
+                    f"nnz={self.nnz!r} of {bps} blocks per scope rounds to {k} kept, i.e. "
+                    f"{'100' if k == 0 else '0'}% sparsity; use a fraction that keeps 1 to {bps - 1} of the {bps} "
+                    "blocks, or an int nnz."
+                )
+            return k
         nnz = int(self.nnz)
         if nnz != self.nnz or not 0 <= nnz <= bps:
             raise PatternError(f"nnz must be an int in [0, {bps}] (blocks per scope), got {self.nnz!r}.")

@@ -453,6 +453,8 @@ def swap_search(
         raise InputError("refine='swap' needs every block inside one row; this pattern has blocks spanning rows.")
     if rtol is None:
         rtol = 1e-10 if dt == torch.float64 else 1e-5
+    if layout.nnz in (0, layout.blocks_per_scope):  # every block kept or every block pruned: no swap exists
+        max_sweeps = 0
     hs, dsc = scaled_hessian(hessian_d)
     ws = weight0 * dsc  # (M, K)
     mask = mask.clone()

@@ -75,8 +75,8 @@ import torch
 from torch import Tensor
 
 from sparsekit.errors import InputError
-from sparsekit.hessian import DEFAULT_DAMP, check_hessian, damped_inverse
-from sparsekit.metrics import relative_error
+from sparsekit.hessian import DEFAULT_DAMP, check_damp, check_hessian, damped_inverse
+from sparsekit.metrics import pow2_scale, relative_error
 from sparsekit.patterns import Layout, Pattern, ScopeSpec, block_col_indices, block_param_rc, check_mask
 from sparsekit.pruners import PrunerOutput, get_pruner
 from sparsekit.pruners._common import batch_bounds
@@ -457,6 +457,7 @@ class StructuredOBS:
         if not isinstance(hessian, Tensor) or hessian.dim() != 2:
             raise InputError("hessian must be a (K, K) tensor.")
         check_hessian(hessian, hessian.shape[0])
+        check_damp(damp, damp_mode)
         if inv_h is not None and inv_h.shape != hessian.shape:
             raise InputError(f"inv_h must have the hessian's shape {tuple(hessian.shape)}, got {tuple(inv_h.shape)}.")
         self.scope = scope
@@ -479,7 +480,13 @@ class StructuredOBS:
         return damped_inverse(hessian, damp, damp_mode).inverse
 
     # -- helpers
+    def _h_scale(self, dtype: torch.dtype) -> float:
+        """The power of two ``H`` is multiplied by in ``dtype`` (scale invariance, as in ``prune_weight``); 1 with
+        absolute damping, which is in ``H``'s units."""
+        return pow2_scale(self.hessian, dtype) if self.damp_mode == "diag" or self.damp < 1 else 1.0
+
     def _bound(self) -> tuple[Tensor, Tensor, torch.dtype]:
+        """``(W · 2^a, H · 2^b, dtype)``: the bound weight and H rescaled by :func:`pow2_scale` (exact)."""
         W = self.weight
         if not isinstance(W, Tensor) or W.dim() != 2 or not W.is_floating_point():
             raise InputError("bind a floating (M, K) weight first: StructuredOBS(..., weight=W) or obs.weight = W.")
@@ -490,12 +497,13 @@ class StructuredOBS:
         if not torch.isfinite(W).all():
             raise InputError("weight contains NaN or Inf.")
         dtype = torch.float64 if torch.float64 in (W.dtype, self.hessian.dtype) else torch.float32
-        return W.detach().to(dtype), self.hessian.detach().to(dtype), dtype
+        w = W.detach().to(dtype) * pow2_scale(W, dtype)  # (M, K)
+        return w, self.hessian.detach().to(dtype) * self._h_scale(dtype), dtype
 
     def _inverse(self, h: Tensor, dtype: torch.dtype) -> _Inverse:
         if self._inv is None or self._dtype != dtype:
             if self.inv_h is not None:
-                self._inv = _Inverse(self.inv_h.detach().to(h.device, dtype))
+                self._inv = _Inverse(self.inv_h.detach().to(h.device, dtype) / self._h_scale(dtype))
                 self.stats["damp"] = None
             else:
                 d = damped_inverse(h, self.damp, self.damp_mode)
@@ -504,15 +512,17 @@ class StructuredOBS:
             self._dtype = dtype
         return self._inv
 
-    def _write_back(self, w0: Tensor, new: Tensor, mask: Tensor, layout: Layout, h: Tensor) -> None:
+    def _write_back(self, new: Tensor, mask: Tensor, layout: Layout) -> None:
+        """Write ``new`` (rescaled by :meth:`_bound`'s power of two) into the bound weight; loss against it."""
         check_mask(mask, layout)
         new = new.masked_fill(~mask, 0.0)
+        new = (new / pow2_scale(self.weight, new.dtype)).to(self.weight.dtype)
         if not torch.isfinite(new).all():
             raise InputError(f"pruning produced NaN/Inf; raise damp (now {self.damp}) or use float64.")
-        self.loss = relative_error(w0, new, h)
+        self.loss = relative_error(self.weight, new, self.hessian)
         self.mask = mask
         with torch.no_grad():
-            self.weight.copy_(new.to(self.weight.dtype))
+            self.weight.copy_(new)
 
     # -- the seed's methods
     def prune(self, nnz: int, block_size: int = 2048, compensate: str = "local", n_splits: int = 1) -> None:
@@ -541,7 +551,7 @@ class StructuredOBS:
         W = W0.clone()
         pruned = _run(W, layout, inv, compensate, block_size, n_splits)
         self.stats.update(compensate=compensate, n_splits=n_splits, block_size=block_size)
-        self._write_back(W0, W, ~pruned, layout, h)
+        self._write_back(W, ~pruned, layout)
 
     def prune_true_obs(
         self,
@@ -567,7 +577,7 @@ class StructuredOBS:
         out = fn(W0.clone(), h, layout, damp=self.damp, damp_mode=self.damp_mode, progress_fn=progress_fn, ng=ng,
                  chunk_size=chunk_size, order=order, scoring=scoring, c_dtype=c_dtype)
         self.stats = dict(out.stats, damp=out.damp, method="true-obs")
-        self._write_back(W0, out.weight, out.mask.bool(), layout, h)
+        self._write_back(out.weight, out.mask.bool(), layout)
 
 
 # ---- registered pure functions -----------------------------------------------------------------------------

@@ -159,12 +159,12 @@ def prune_obs_ord(
     cr = layout.chunk_rows
     nch = M // cr
     inv = scaled_inverse(hessian, damp, damp_mode)
-    W = weight.mul_(inv.d)  # (M, K) scaled weights
     pruned = torch.zeros(M, K, dtype=torch.bool, device=dev)
     stats: dict[str, Any] = {"damp_steps": inv.steps, "ng": ng, "order": order,
                              "c_dtype": str(c).replace("torch.", ""), "batches": 0, "jitter_steps": 0}
-    if p == 0:
-        return PrunerOutput(W.div_(inv.d), ~pruned, inv.damp, stats)
+    if p == 0:  # nothing to prune: the weight as it is (no round trip through the scaling)
+        return PrunerOutput(weight, ~pruned, inv.damp, stats)
+    W = weight.mul_(inv.d)  # (M, K) scaled weights
     if math.comb(B, p) > MAX_JOINT_SUBSETS:
         raise InputError(f"obs-ord enumerates C({B}, {p}) = {math.comb(B, p)} subsets per scope: too many.")
     t_rows, t_cols = layout.template  # (St, B, e) rows within a chunk of cr rows

@@ -31,9 +31,8 @@ __all__ = [
 
 @lru_cache(maxsize=64)
 def _subsets_cpu(num_blocks: int, num_prune: int) -> Tensor:
-    return torch.tensor(list(itertools.combinations(range(num_blocks), num_prune)), dtype=torch.long).view(
-        -1, num_prune
-    )
+    combos = list(itertools.combinations(range(num_blocks), num_prune))
+    return torch.tensor(combos, dtype=torch.long).view(len(combos), num_prune)  # (1, 0) when num_prune = 0
 
 
 def subsets(num_blocks: int, num_prune: int, device: torch.device | str = "cpu") -> Tensor:

@@ -345,12 +345,12 @@ def prune_true_obs(
     work = weight.dtype
     c = c_dtype or (torch.float16 if weight.is_cuda and work == torch.float32 else work)
     inv = scaled_inverse(hessian, damp, damp_mode)
-    W = weight.mul_(inv.d)  # (M, K) scaled weights, in place on the private copy
     pruned = torch.zeros(M, K, dtype=torch.bool, device=weight.device)
     stats: dict[str, Any] = {"damp_steps": inv.steps, "ng": ng, "order": order, "scoring": scoring,
                              "c_dtype": str(c).replace("torch.", ""), "steps": 0, "jitter_steps": 0}
-    if layout.num_prune == 0:
-        return PrunerOutput(W.div_(inv.d), ~pruned, inv.damp, stats)
+    if layout.num_prune == 0:  # nothing to prune: the weight as it is (no round trip through the scaling)
+        return PrunerOutput(weight, ~pruned, inv.damp, stats)
+    W = weight.mul_(inv.d)  # (M, K) scaled weights, in place on the private copy
     R = _chunk_rows(layout, chunk_size, ng, c, work)
     use_tf32 = weight.is_cuda and ((c == torch.float32 and TF32_DEFAULT) or c in LOW_PRECISION)
     stats.update(chunk_size=R, tf32=bool(use_tf32))
