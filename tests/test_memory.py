@@ -276,7 +276,7 @@ def test_capped_gpu_admm_refit_fits(capped_gpu):
     W, H = _gpu_layer(M, K, dev, seed=1)
     res = prune_weight(W, H, "2:4", "admm", iters=10, refit_solver="direct")
     assert torch.cuda.max_memory_allocated(dev) <= cap
-    assert res.stats["refit_chunk_size"] < M and res.stats["chosen"] in ("admm", "init")
+    assert res.stats["refit_chunk_size"] < M and res.stats.get("refit_oom_retries", 0) == 0  # planned, not retried
 
 
 @pytest.mark.gpu

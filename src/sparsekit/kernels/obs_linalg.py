@@ -30,7 +30,9 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["UPCAST_SLICE_BYTES", "tf32", "bmm", "baddbmm_", "chol_inv_factor", "chol_inv_factor_reference", "LOW_PRECISION"]
+__all__ = [
+    "UPCAST_SLICE_BYTES", "tf32", "bmm", "baddbmm_", "chol_inv_factor", "chol_inv_factor_reference", "LOW_PRECISION",
+]
 
 #: 16-bit storage dtypes whose GEMMs accumulate in float32.
 LOW_PRECISION = (torch.float16, torch.bfloat16)

@@ -631,8 +631,9 @@ def refine_result(
     progress_fn: Callable[[str], None] | None = None,
     max_memory: int | str | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """Apply ``refine`` then ``refit`` (within the memory budget ``max_memory``) to a method's ``(weight, mask)``; keep each step only if the true loss
-    (through the undamped ``hessian``) does not increase. Returns ``(weight, mask, stats)``.
+    """Apply ``refine`` then ``refit`` to a method's ``(weight, mask)`` within the memory budget ``max_memory``;
+    keep each step only if the true loss (through the undamped ``hessian``) does not increase. Returns
+    ``(weight, mask, stats)``.
 
     ``refine="swap"`` ends with the refit of its mask; a ``refit`` after a kept swap would recompute the same
     weights and is skipped (``stats["refit_by"] = "swap"``)."""

@@ -69,7 +69,10 @@ from sparsekit.pruners.scoring import best_subset, independent_choice, shared_sc
 
 log = logging.getLogger(__name__)
 
-__all__ = ["prune_true_obs", "chunk_bytes", "TrueOBSChunk", "scaled_inverse", "per_row_sets", "ORDERS", "SCORINGS", "TF32_DEFAULT"]
+__all__ = [
+    "prune_true_obs", "chunk_bytes", "TrueOBSChunk", "scaled_inverse", "per_row_sets", "ORDERS", "SCORINGS",
+    "TF32_DEFAULT",
+]
 
 ORDERS = ("left_to_right", "largest_first")
 SCORINGS = ("independent", "joint")
