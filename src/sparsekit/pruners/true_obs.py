@@ -379,7 +379,8 @@ def chunk_bytes(layout: Layout, ng: int, c_dtype: torch.dtype, work: torch.dtype
     ``U`` ``K·t·c``; the gather ``U_P`` ``q·t·c``; ``C_{P,:}``, ``Z``, its ``c_dtype`` copy and the product
     ``4·K·q·s``; ``C_PP``, its factor and work ``4·q²·s``; weights, diagonal, copies ``4·K·s``; the int64 row/column
     indices of the chunk's geometry and of the scoring gathers (``6·K·8``) and the masks. Fixed: ``C0`` (``K²·s``),
-    the pruned mask (``M·K``) and, when ``U`` is stored in another dtype off CUDA, the reference GEMM's upcast slice.
+    the pruned mask (``M·K``) and, when ``U`` is stored in another dtype, the upcast operands of the reference GEMM
+    (:func:`~sparsekit.kernels.obs_linalg.baddbmm_`: one row on the CPU, a slice on CUDA without a fast path).
     """
     M, K = layout.num_rows, layout.num_cols
     Sg = _geometry(layout, layout.chunk_rows, layout.device).groups.shape[1]  # scopes per row group
@@ -389,7 +390,8 @@ def chunk_bytes(layout: Layout, ng: int, c_dtype: torch.dtype, work: torch.dtype
     q = min(K, ng * p * e)
     c, s = c_dtype.itemsize, work.itemsize
     per_row = K * width * c + q * width * c + 4 * K * q * s + 4 * q * q * s + 4 * K * s + 6 * K * 8 + 4 * K
-    fixed = K * K * s + M * K + (UPCAST_SLICE_BYTES if c_dtype != work else 0)
+    upcast = max(UPCAST_SLICE_BYTES, (q + K) * width * s) if c_dtype != work else 0
+    fixed = K * K * s + M * K + upcast
     return per_row, fixed
 
 
