@@ -303,3 +303,28 @@ def test_gpu_injected_oom_is_retried(monkeypatch):
     assert res.stats["oom_retries"] == 1 and res.stats["chunk_size"] == 128
     assert (res.mask == ref.mask).float().mean() > 0.999
     assert res.loss == pytest.approx(ref.loss, rel=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern, ng", [("2:4", 16), ("2:4", 256), ("rowpair-16", 16)])
+def test_gpu_true_obs_peak_within_the_estimate(pattern, ng):
+    """The planner's bytes are an upper bound of what a chunk really takes (and not a wild one)."""
+    from sparsekit.patterns import get_pattern
+    from sparsekit.pruners.true_obs import _inverse_bytes, chunk_bytes
+
+    dev = torch.device("cuda")
+    M, K, R = 256, 2048, 64
+    W, H = _gpu_layer(M, K, dev, seed=4)
+    layout = get_pattern(pattern).resolve(M, K, device=dev)
+    per_row, fixed = chunk_bytes(layout, ng, torch.float16, torch.float32)
+    torch.cuda.synchronize(dev)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    res = prune_weight(W, H, pattern, "true-obs", ng=ng, order="largest_first", chunk_size=R)
+    used = torch.cuda.max_memory_allocated(dev) - base
+    copies = 3 * M * K * 4 + K * K * 4  # prune_weight's own copies of W and H and its result
+    estimate = max(fixed + R * per_row, _inverse_bytes(K, torch.float32)) + copies
+    assert res.stats["chunk_size"] == R
+    assert used <= estimate
+    assert used >= 0.4 * (fixed + R * per_row)
