@@ -19,6 +19,7 @@ from sparsekit.memory import (
 from sparsekit.pruners import METHODS
 
 SEED_PATTERNS = ["2:4", "2:4-pairs", "coupled-2:4", "rowpair-16"]
+GIB = 2**30
 #: methods whose steps are only checked against the budget (every row at once) or that allocate nothing
 UNCHUNKED = {"magnitude", "wanda"}
 
@@ -72,6 +73,34 @@ def test_device_budget_cpu():
     assert b.limit == 2**20 and b.bytes == int(2**20 * (1 - FRAGMENTATION_MARGIN)) and "max_memory" in b.source
     auto = device_budget("cpu")
     assert auto.bytes > 0 and auto.source == "available RAM"
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """A simulated 80 GiB device: 10 GiB allocated by this process, 14 GiB reserved, 50 GiB free on the device."""
+    import types
+
+    state = {"fraction": 1.0}
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=80 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i=None: 10 * GIB)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i=None: 14 * GIB)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=None: (50 * GIB, 80 * GIB))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda i=None: state["fraction"])
+    return state
+
+
+def test_device_budget_cuda_counts_the_cache_the_cap_and_max_memory(fake_cuda):
+    keep = 1 - FRAGMENTATION_MARGIN
+    b = device_budget("cuda:0")  # free 50 + cached 4 (reserved − allocated)
+    assert b.limit == 54 * GIB and b.bytes == int(54 * GIB * keep) and "allocator cache" in b.source
+    fake_cuda["fraction"] = 0.3  # cap 24 GiB, 10 of it allocated
+    b = device_budget("cuda:0")
+    assert b.limit == 24 * GIB - 10 * GIB and "memory fraction" in b.source
+    b = device_budget("cuda:0", "12GiB")  # an explicit cap on the process's allocated bytes
+    assert b.limit == 2 * GIB and "max_memory" in b.source
+    b = device_budget("cuda:0", "8GiB")  # already past it: nothing left
+    assert b.limit == 0 and b.bytes == 0
 
 
 # ---- run_chunked ---------------------------------------------------------------------------------------------
