@@ -1,6 +1,6 @@
 """Whole-model pruning at real model shapes under memory budgets (issue 14), through ``prune_model_``.
 
-    PYTHONPATH=src python3 benchmarks/model_scale.py [--shapes qwen3-4b,llama3-8b,llama3-70b-block]
+    PYTHONPATH=src python3 benchmarks/model_scale.py [--shapes qwen3-4b,llama3-8b,llama3-70b-block,seed-layer]
         [--methods sparsegpt,true-obs-16,true-obs-256,admm] [--budgets 24,48,80,0] [--blocks 2]
         [--samples 128] [--seq-len 2048] [--max-seconds 300] [--model-device cuda|cpu] [--out DIR] [--tiny]
 
@@ -14,6 +14,8 @@ layers' reported times) and outside it (calibration passes, Hessian accumulation
 model from the blocks after the first (the first if there is only one), and records the peak CUDA memory
 (``max_memory_allocated`` / ``max_memory_reserved``). A case that runs past ``--max-seconds`` is killed and
 recorded as ``timeout`` with the blocks it finished; a failure is recorded with its error type and message.
+The pseudo-shape ``seed-layer`` times ``prune_weight`` alone on the seed's layer (``seed_shape_layer``, 2560 ×
+9728) after a warm-up, e.g. with ``--methods true-obs-default`` (``prune_weight``'s defaults) under the budgets.
 
 Writes ``model_scale.json`` (and one ``case_*.json`` per case) to ``--out`` (default ``$OUT``, else
 ``benchmarks/results/model_scale``) and prints a Markdown table last. ``--tiny`` runs small configs on the CPU
@@ -45,11 +47,14 @@ TINY_SHAPES: dict[str, tuple[str, int, int, int, int, int, int]] = {
 }
 #: method key -> (method, options): True OBS at the CLI's default (ng=16) and the seed's headline ng=256
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "true-obs-default": ("true-obs", {}),  # prune_weight's defaults (ng=64, left to right, planner-chosen chunks)
     "sparsegpt": ("sparsegpt", {}),
     "true-obs-16": ("true-obs", {"ng": 16, "order": "largest_first"}),
     "true-obs-256": ("true-obs", {"ng": 256, "order": "largest_first"}),
     "admm": ("admm", {}),
 }
+#: the seed's layer (``seed_shape_layer``: W 2560 × 9728, synthetic H), pruned by ``prune_weight`` alone
+SEED_LAYER = "seed-layer"
 VOCAB = 1024
 GIB = 2**30
 
@@ -105,6 +110,9 @@ def run_case(case: dict[str, Any], path: str) -> None:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, case["budget_gib"] * GIB / total), 0)
         rec["memory_fraction"] = case["budget_gib"] * GIB / total
+    if case["shape"] == SEED_LAYER:
+        run_layer_case(case, rec, save)
+        return
     t0 = time.perf_counter()
     shape = (TINY_SHAPES if case["tiny"] else SHAPES)[case["shape"]]
     model = build_model(shape, case["num_blocks"], case["model_device"])
@@ -145,6 +153,33 @@ def run_case(case: dict[str, Any], path: str) -> None:
     save()
 
 
+def run_layer_case(case: dict[str, Any], rec: dict[str, Any], save: Any) -> None:
+    """The seed layer through ``prune_weight`` (one warm-up on 64 rows, then the timed run of every row)."""
+    import torch
+
+    from sparsekit import prune_weight
+    from sparsekit.data.synthetic import seed_shape_layer
+
+    layer = seed_shape_layer(*((64, 256) if case["tiny"] else ()), device=case["device"])
+    method, options = METHODS[case["method"]]
+    cuda = case["device"] == "cuda"
+    try:
+        prune_weight(layer.weight[:64], layer.hessian, "2:4", method, **options)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        res = prune_weight(layer.weight, layer.hessian, "2:4", method, **options)
+        rec["status"] = "ok"
+        rec["blocks"] = [{"block": 0, "time_s": res.time_s, "inside_prune_weight_s": res.time_s, "outside_s": 0.0,
+                          "layers": [{"name": "seed", "shape": list(layer.weight.shape), "time_s": res.time_s,
+                                      "loss": res.loss, "chunk_size": res.stats.get("chunk_size"),
+                                      "oom_retries": res.stats.get("oom_retries", 0)}]}]
+    except Exception as exc:  # recorded, not raised
+        rec["status"] = type(exc).__name__
+        rec["error"] = str(exc).splitlines()[0][:400] if str(exc) else ""
+    save()
+
+
 def summarise(rec: dict[str, Any], model_blocks: int) -> dict[str, Any]:
     """Per-block time (the blocks after the first, or the first), inside/outside split, whole-model estimate."""
     blocks = rec.get("blocks", [])
@@ -163,6 +198,9 @@ def _cell(rec: dict[str, Any]) -> str:
     peak_txt = f", {peak:.1f} GiB peak" if peak is not None else ""
     if s["per_block_s"] is None:
         return f"**{rec['status']}**{peak_txt}"
+    if rec["shape"] == SEED_LAYER:
+        lay = rec["blocks"][0]["layers"][0]
+        return f"{s['per_block_s']:.2f} s{peak_txt}, chunk {lay['chunk_size']}, loss {lay['loss']:.4f}"
     txt = (f"{s['per_block_s']:.1f} s/block ({s['inside_s']:.1f} in prune_weight){peak_txt}, "
            f"model ≈ {s['model_min']:.1f} min")
     return txt if rec["status"] == "ok" else f"**{rec['status']}** after {len(rec['blocks'])} block(s): {txt}"
@@ -170,8 +208,10 @@ def _cell(rec: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", default=None, help="comma-separated: " + ", ".join(SHAPES))
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ", ".join(METHODS))
+    ap.add_argument("--shapes", default=None,
+                    help=f"comma-separated: {', '.join(SHAPES)}, or {SEED_LAYER} (prune_weight alone on the seed layer)")
+    ap.add_argument("--methods", default="sparsegpt,true-obs-16,true-obs-256,admm",
+                    help="comma-separated: " + ", ".join(METHODS))
     ap.add_argument("--budgets", default="24,48,80,0", help="GiB per process, comma-separated; 0 = whole GPU")
     ap.add_argument("--blocks", type=int, default=2, help="blocks built and timed (>= 2 to extrapolate)")
     ap.add_argument("--samples", type=int, default=128)
@@ -191,8 +231,9 @@ def main(argv: list[str] | None = None) -> None:
 
     out = a.out or os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results", "model_scale")
     os.makedirs(out, exist_ok=True)
-    shapes_tab = TINY_SHAPES if a.tiny else SHAPES
+    shapes_tab = dict(TINY_SHAPES if a.tiny else SHAPES)
     shapes = (a.shapes or ",".join(shapes_tab)).split(",")
+    shapes_tab[SEED_LAYER] = ("", 0, 0, 0, 0, 0, 1)
     methods = a.methods.split(",")
     for name, known in ((shapes, shapes_tab), (methods, METHODS)):
         bad = [x for x in name if x not in known]
@@ -250,7 +291,8 @@ def main(argv: list[str] | None = None) -> None:
             cells = [_cell(r) for m in methods for r in results
                      if r["shape"] == shape and r["method"] == m and r["budget_gib"] == budget]
             label = "whole device" if budget == 0 else f"{budget:g} GiB"
-            print(f"| {shape} ({shapes_tab[shape][-1]} blocks) | {label} | " + " | ".join(cells) + " |")
+            name = "seed layer (prune_weight)" if shape == SEED_LAYER else f"{shape} ({shapes_tab[shape][-1]} blocks)"
+            print(f"| {name} | {label} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
