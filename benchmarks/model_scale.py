@@ -209,7 +209,7 @@ def _cell(rec: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default=None,
-                    help=f"comma-separated: {', '.join(SHAPES)}, or {SEED_LAYER} (prune_weight alone on the seed layer)")
+                    help=f"comma-separated: {', '.join(SHAPES)}, {SEED_LAYER} (prune_weight alone, the seed layer)")
     ap.add_argument("--methods", default="sparsegpt,true-obs-16,true-obs-256,admm",
                     help="comma-separated: " + ", ".join(METHODS))
     ap.add_argument("--budgets", default="24,48,80,0", help="GiB per process, comma-separated; 0 = whole GPU")
