@@ -4,7 +4,7 @@ Importing sparsekit never initialises CUDA.
 """
 
 from sparsekit.api import PruneResult, prune_weight
-from sparsekit.errors import HessianError, InputError, PatternError, SparsekitError
+from sparsekit.errors import HessianError, InputError, PatternError, ResourceError, SparsekitError
 from sparsekit.hessian import HessianAccumulator
 from sparsekit.metrics import relative_error
 from sparsekit.patterns import PRESETS, BlockSpec, Pattern, ScopeSpec, check_mask, get_pattern
@@ -34,4 +34,5 @@ __all__ = [
     "PatternError",
     "InputError",
     "HessianError",
+    "ResourceError",
 ]

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from sparsekit.errors import InputError
 from sparsekit.hessian import DEFAULT_DAMP, check_damp, check_hessian
+from sparsekit.memory import parse_bytes
 from sparsekit.metrics import pow2_scale, relative_error
 from sparsekit.parallel import parse_devices, prune_rows_on_devices
 from sparsekit.patterns import Layout, Pattern, check_mask, get_pattern
@@ -99,6 +100,7 @@ def prune_weight(
     refit: bool = False,
     max_sweeps: int = 256,
     devices: "Sequence[str | torch.device] | None" = None,
+    max_memory: "int | str | None" = None,
     **options: Any,
 ) -> PruneResult:
     """Prune ``weight (M, K)`` to ``pattern`` minimising ``‖X (W' − W)ᵀ‖²`` given ``hessian = XᵀX/N (K, K)``.
@@ -126,6 +128,11 @@ def prune_weight(
             rows are independent (:data:`sparsekit.parallel.ROW_SEPARABLE`): the same result as on one device,
             gathered on ``weight``'s device, where ``refine``/``refit`` and the loss then run. ``None``: all on
             ``weight``'s device.
+        max_memory: memory budget, bytes or a string like ``"24GiB"`` (:func:`sparsekit.memory.parse_bytes`). On
+            CUDA a cap on the process's allocated bytes on the device; on the CPU the bytes a step may allocate.
+            ``None``: what the device can give (:func:`sparsekit.memory.device_budget`: the per-process memory
+            fraction, the allocator's cache, a fragmentation margin). Every method's row chunks are planned
+            from it; a step whose smallest chunk does not fit raises :class:`~sparsekit.errors.ResourceError`.
         **options: method options (e.g. ``blocksize`` for SparseGPT); unknown ones raise :class:`InputError`.
 
     Scale: the method sees ``W`` and ``H`` multiplied by exact powers of two that bring their largest entries
@@ -154,6 +161,7 @@ def prune_weight(
     _reject_unknown_options(fn, method, options)
     check_refine_options(refine, refit, max_sweeps)
     devs = None if devices is None else parse_devices(devices, method)
+    mem = None if max_memory is None else parse_bytes(max_memory)
 
     dtype = torch.float64 if torch.float64 in (weight.dtype, hessian.dtype) else torch.float32
     sw = pow2_scale(weight, dtype)
@@ -164,10 +172,11 @@ def prune_weight(
     t0 = time.perf_counter()
     if devs is None:
         work = w0 if refine is None and not refit else w0.clone()  # refine/refit need the original w0
-        out = fn(work, h, layout, damp=damp, damp_mode=damp_mode, progress_fn=progress_fn, **options)
+        out = fn(work, h, layout, damp=damp, damp_mode=damp_mode, progress_fn=progress_fn, max_memory=mem,
+                 **options)
     else:
         out = prune_rows_on_devices(fn, w0, h, pat, devs, damp=damp, damp_mode=damp_mode, progress_fn=progress_fn,
-                                    **options)
+                                    max_memory=mem, **options)
     mask = out.mask.bool()
     check_mask(mask, layout)
     new = out.weight.masked_fill(~mask, 0.0)
@@ -178,7 +187,8 @@ def prune_weight(
         _sync(weight.device)
         t1 = time.perf_counter()
         new, mask, st = refine_result(w0, h, layout, new, mask, refine=refine, refit_weights=refit,
-                                      max_sweeps=max_sweeps, damp=damp, damp_mode=damp_mode, progress_fn=progress_fn)
+                                      max_sweeps=max_sweeps, damp=damp, damp_mode=damp_mode, progress_fn=progress_fn,
+                                      max_memory=mem)
         _sync(weight.device)
         stats.update(st, refine_time_s=time.perf_counter() - t1)
         check_mask(mask, layout)

@@ -20,3 +20,15 @@ class InputError(SparsekitError):
 
 class HessianError(SparsekitError):
     """The Hessian is not usable: not symmetric, not PSD, or singular past the damping bound."""
+
+
+class ResourceError(SparsekitError):
+    """A step does not fit the memory budget even at its smallest chunk.
+
+    ``needed`` is the smallest ``max_memory`` (bytes) with which that step would run; ``budget`` the one it had.
+    """
+
+    def __init__(self, message: str, *, needed: int | None = None, budget: int | None = None) -> None:
+        super().__init__(message)
+        self.needed = needed
+        self.budget = budget

@@ -51,6 +51,7 @@ from torch import Tensor
 from sparsekit.errors import HessianError, InputError
 from sparsekit.hessian import damped_hessian, scaled_hessian
 from sparsekit.kernels import obs_linalg
+from sparsekit.memory import Budget, device_budget, plan_rows, require, run_chunked
 from sparsekit.metrics import relative_error
 from sparsekit.patterns import Layout
 
@@ -71,17 +72,6 @@ __all__ = [
 REFINES = ("swap",)
 #: solvers of :func:`refit`
 REFIT_SOLVERS = ("auto", "direct", "cg")
-#: memory for one chunk of per-row matrices (refit ``H_RR`` gathers, swap-search ``A``) on the CPU, in bytes
-CHUNK_BYTES_CPU = 256 * 2**20
-#: on CUDA: this fraction of the free device memory (one chunk's sweeps are passes over all its ``A``s, so the
-#: more rows per pass the fewer launches per row; 378 MB per row at K = 9728)
-CHUNK_FREE_FRACTION_CUDA = 0.5
-
-
-def _chunk_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(CHUNK_FREE_FRACTION_CUDA * obs_linalg.free_memory(device))
-    return CHUNK_BYTES_CPU
 
 
 def check_refine_options(refine: str | None, refit: bool, max_sweeps: int) -> None:
@@ -95,13 +85,33 @@ def check_refine_options(refine: str | None, refit: bool, max_sweeps: int) -> No
 
 
 # ---- refit ---------------------------------------------------------------------------------------------------
-def _refit_direct(w0: Tensor, hd: Tensor, mask: Tensor) -> Tensor:
-    """Eq. (1) by Cholesky of ``H_RR`` per row, rows batched by ``|R|`` in chunks of bounded memory."""
+def refit_direct_bytes(M: int, K: int, r: int, work: torch.dtype) -> tuple[int, int]:
+    """``(per_row, fixed)`` bytes of :func:`_refit_direct` for rows keeping ``r`` columns: per row the gathered
+    ``H_RR`` and its factor (``2·r²·s``), the gather's flat int64 index (``8·r²``) and ``r``-vectors; fixed the
+    right-hand sides, the output and the scaled ``H`` and ``W`` that :func:`refit` holds (``K²·s + 3·M·K·s``)."""
+    s = work.itemsize
+    return 2 * r * r * s + 8 * r * r + r * (16 + 4 * s), K * K * s + 3 * M * K * s
+
+
+def _refit_rows(w0: Tensor, hd: Tensor, mask: Tensor, rhs_all: Tensor, out: Tensor, rc: Tensor, r: int) -> None:
+    """Eq. (1) for the rows ``rc`` that all keep ``r`` columns; writes ``out[rc]`` at the end."""
     K = w0.shape[1]
+    idx = mask[rc].nonzero()[:, 1].view(len(rc), r)  # (n, r) kept columns, ascending
+    HRR = hd.flatten()[idx.unsqueeze(2) * K + idx.unsqueeze(1)]  # (n, r, r) one int64 (n, r, r) index
+    L, info = torch.linalg.cholesky_ex(HRR)
+    if (info != 0).any():
+        raise HessianError("H restricted to a row's kept columns is not positive definite; pass damp > 0 for refit.")
+    rhs = rhs_all[rc].gather(1, idx).unsqueeze(2)  # (n, r, 1)
+    x = torch.cholesky_solve(rhs, L).squeeze(2)  # (n, r)
+    out[rc] = out[rc].scatter(1, idx, w0[rc].gather(1, idx) + x)
+
+
+def _refit_direct(w0: Tensor, hd: Tensor, mask: Tensor, budget: Budget, stats: dict[str, Any]) -> Tensor:
+    """Eq. (1) by Cholesky of ``H_RR`` per row, rows batched by ``|R|`` in chunks sized by the planner."""
+    M, K = w0.shape
     out = torch.zeros_like(w0)
     rhs_all = (w0 * ~mask) @ hd  # (M, K); entries on R are (H_RP w_P)ᵀ
     counts = mask.sum(1)
-    budget = _chunk_bytes(w0.device)
     for r in torch.unique(counts).tolist():
         rows = (counts == r).nonzero().flatten()
         if r == 0:
@@ -109,20 +119,18 @@ def _refit_direct(w0: Tensor, hd: Tensor, mask: Tensor) -> Tensor:
         if r == K:
             out[rows] = w0[rows]
             continue
-        n = max(1, budget // (r * r * w0.element_size() * 2))
-        for a in range(0, len(rows), n):
-            rc = rows[a : a + n]
-            idx = mask[rc].nonzero()[:, 1].view(len(rc), r)  # (n, r) kept columns, ascending
-            HRR = hd[idx.unsqueeze(2), idx.unsqueeze(1)]  # (n, r, r)
-            L, info = torch.linalg.cholesky_ex(HRR)
-            if (info != 0).any():
-                raise HessianError(
-                    "H restricted to a row's kept columns is not positive definite; pass damp > 0 for refit."
-                )
-            rhs = rhs_all[rc].gather(1, idx).unsqueeze(2)  # (n, r, 1)
-            x = torch.cholesky_solve(rhs, L).squeeze(2)  # (n, r)
-            out[rc] = out[rc].scatter(1, idx, w0[rc].gather(1, idx) + x)
+        per_row, fixed = refit_direct_bytes(M, K, r, w0.dtype)
+        n = plan_rows(len(rows), per_row, fixed, budget, what="refit (direct)")
+        stats["refit_chunk_size"] = min(n, stats.get("refit_chunk_size", n))
+        run_chunked(lambda a, b: _refit_rows(w0, hd, mask, rhs_all, out, rows[a:b], r), len(rows), n,
+                    stats=stats, what="refit (direct)", budget=budget, counter="refit_oom_retries")
     return out
+
+
+def refit_cg_bytes(M: int, K: int, work: torch.dtype) -> int:
+    """Bytes :func:`_refit_cg` holds at once: the scaled ``H`` and about ten ``(M, K)`` iterates and temporaries
+    (mask, right-hand side, ``x``, residual, direction, product, best iterate, the scaled ``W``)."""
+    return K * K * work.itemsize + 10 * M * K * work.itemsize
 
 
 def _refit_cg(
@@ -188,6 +196,7 @@ def refit(
     tol: float | None = None,
     max_iter: int = 1000,
     tf32: bool = False,
+    max_memory: int | str | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Exact least-squares refit (eq. 1): the optimal weights for ``mask`` under ``hessian_d``.
 
@@ -201,19 +210,25 @@ def refit(
         tf32: TF32 for the products of the CG iterations on CUDA; the residual that decides convergence stays
             float32 (see :func:`_refit_cg`), and if the TF32 iterations stall above ``tol`` the solve finishes
             from their best iterate with float32 products, so the accuracy reached is float32's.
+        max_memory: the memory budget (:func:`sparsekit.memory.device_budget`): the direct solver's row chunks
+            are planned from it (:func:`refit_direct_bytes`); CG must fit whole (:func:`refit_cg_bytes`).
     Returns:
         ``(weights (M, K) with exact zeros off the mask, stats)``.
     """
     if solver not in REFIT_SOLVERS:
         raise InputError(f"refit solver must be one of {', '.join(REFIT_SOLVERS)}, got {solver!r}.")
-    K = weight0.shape[1]
+    M, K = weight0.shape
     if solver == "auto":
         solver = "direct" if weight0.device.type == "cpu" or K <= 4096 else "cg"
+    budget = device_budget(weight0.device, max_memory)
+    if solver == "cg":
+        require(refit_cg_bytes(M, K, weight0.dtype), budget, "refit (cg)")
     hs, d = scaled_hessian(hessian_d)
     ws = weight0 * d
     if solver == "direct":
-        out = _refit_direct(ws, hs, mask)
-        return out / d, {"refit_solver": "direct"}
+        stats: dict[str, Any] = {"refit_solver": "direct"}
+        out = _refit_direct(ws, hs, mask, budget, stats)
+        return out / d, stats
     if tol is None:
         tol = 1e-10 if weight0.dtype == torch.float64 else 1e-5
     xs = None if x0 is None else x0 * d - ws
@@ -250,8 +265,8 @@ def _row_groups(layout: Layout) -> Tensor:
 def swap_state(ws: Tensor, hs: Tensor, mask: Tensor, build_rows: int | None = None) -> Tensor:
     """The swept matrices ``A (n, K, K)`` of eq. (2) for rows ``ws (n, K)`` with masks ``mask (n, K)``.
 
-    Rows are batched by ``|R|``, at most ``build_rows`` at a time (their temporaries take about 5 ``K × K``
-    matrices per row; ``None``: all): ``G = H_RR⁻¹`` by Cholesky, ``U = G H_RP``, ``S = H_PP − H_PR U``, then
+    Rows are batched by ``|R|``, at most ``build_rows`` at a time (their temporaries: :func:`swap_bytes`;
+    ``None``: all): ``G = H_RR⁻¹`` by Cholesky, ``U = G H_RP``, ``S = H_PP − H_PR U``, then
     scattered into ``K × K`` in column order.
     """
     n, K = ws.shape
@@ -425,6 +440,99 @@ def _candidates(
 RESYNC_SWEEPS = 16
 
 
+def swap_bytes(M: int, K: int, work: torch.dtype) -> tuple[int, int, int]:
+    """``(per_row, build_per_row, fixed)`` bytes of :func:`swap_search` (``s`` bytes of the work dtype).
+
+    Per row of a chunk: its swept ``A`` (``K²·s``) and ``(n, K)`` state and candidate temporaries (``24·K·s``).
+    Per row built at once by :func:`swap_state`: the permuted ``H`` and its flat int64 index, ``B``, the factor
+    blocks and the scattered result with its index (``4·K²·s + 2·8·K²``). Fixed: the scaled ``H`` and ``W`` and
+    the masks (``K²·s + 2·M·K·s + 2·M·K``).
+    """
+    s = work.itemsize
+    return K * K * s + 24 * K * s, 4 * K * K * s + 16 * K * K, K * K * s + 2 * M * K * s + 2 * M * K
+
+
+def _swap_chunk(
+    ws: Tensor, hs: Tensor, layout: Layout, mask: Tensor, rows: Tensor, sc: Tensor, srow: Tensor, sgrp: Tensor,
+    lrow_group: Tensor, ng: int, build_rows: int, max_sweeps: int, rtol: float,
+    progress_fn: Callable[[str], None] | None,
+) -> tuple[Tensor, float, float, int, int]:
+    """The swap search on one chunk of ``ng`` row groups: global ``rows (n,)``, their scopes ``sc``, with local
+    rows ``srow`` and groups ``sgrp``, ``lrow_group (n,)``. Reads ``mask`` and writes nothing outside.
+
+    Returns ``(final mask of rows (n, K), damped loss before, after, swaps, sweeps)``."""
+    dt = ws.dtype
+    w = ws[rows]  # (n, K)
+    m = mask[rows]  # (n, K)
+    m_out = m.clone()
+    local = torch.arange(len(rows), device=w.device)  # (n,) position of each active row in the chunk
+    scol = layout.cols[sc]
+    A = swap_state(w, hs, m, build_rows)
+    keep = m[srow, scol].all(-1)  # (S_c, B)
+    total_swaps = sweeps = 0
+    loss_before = loss_after = 0.0
+    while True:
+        if sweeps % RESYNC_SWEEPS == 0:  # exact refit deltas: δ_R = A_RP w_P, δ_P = −w_P
+            wP = w * ~m
+            d = torch.where(m, torch.bmm(A, wP.unsqueeze(2)).squeeze(2), -w)  # (n, K)
+        r = d @ hs  # (n, K); zero on R up to round-off, −S w_P on P
+        t = torch.where(m, d, -r)
+        row_loss = (d * r).sum(1)  # (n,) δ H̃ δᵀ
+        grp_loss = torch.zeros(ng, dtype=dt, device=w.device).index_add_(0, lrow_group, row_loss)
+        if sweeps == 0:
+            loss_before += float(grp_loss.sum())
+        if sweeps >= max_sweeps:
+            loss_after += float(grp_loss.sum())
+            break
+        delta, pb, kb = _candidates(A, w, t, keep, srow, scol, layout.nnz)
+        S_c, _, nz = delta.shape
+        best, arg = delta.flatten(1).min(1)  # (S_c,)
+        gbest = torch.full((ng,), math.inf, dtype=dt, device=w.device).scatter_reduce(0, sgrp, best, "amin")
+        thresh = -rtol * grp_loss.abs().clamp_min(torch.finfo(dt).tiny)
+        hit = (best == gbest[sgrp]) & (best < thresh[sgrp])
+        sidx = torch.arange(S_c, device=w.device)
+        big = torch.full((ng,), S_c, dtype=torch.long, device=w.device)
+        chosen = big.scatter_reduce(0, sgrp[hit], sidx[hit], "amin")  # (ng,) scope of each group's swap
+        active = chosen < S_c  # (ng,) groups that improve; the others are final (their state is unchanged)
+        if not bool(active.all()):
+            loss_after += float(grp_loss[~active].sum())
+            m_out[local] = m
+            if not bool(active.any()):
+                break
+            # compact the chunk to the active groups
+            gmap = torch.cumsum(active, 0) - 1  # old group -> new group
+            rkeep = active[lrow_group]  # (n,)
+            rmap = torch.cumsum(rkeep, 0) - 1  # old local row -> new local row
+            skeep = active[sgrp]
+            smap = torch.cumsum(skeep, 0) - 1
+            local, w, m, A, d, t = local[rkeep], w[rkeep], m[rkeep], A[rkeep], d[rkeep], t[rkeep]
+            lrow_group = gmap[lrow_group[rkeep]]
+            srow, scol, keep, sgrp = rmap[srow[skeep]], scol[skeep], keep[skeep], gmap[sgrp[skeep]]
+            pb, kb, arg = pb[skeep], kb[skeep], arg[skeep]
+            chosen = smap[chosen[active]]
+            ng = int(active.sum())
+        a = arg[chosen]
+        bi = pb[chosen, a // nz]  # pruned block to un-prune
+        bj = kb[chosen, a % nz]  # kept block to prune
+        rI, cI = srow[chosen, bi], scol[chosen, bi]  # (k, e)
+        rJ, cJ = srow[chosen, bj], scol[chosen, bj]
+        if layout.row_local:  # every group is one row, in order: I and J of row g
+            _swap(A, d, m, w, t, cI, cJ)
+        else:  # I and J in different rows of a group (rowpair-16): one side each
+            for rr, cc, unprune in ((rI[:, 0], cI, True), (rJ[:, 0], cJ, False)):
+                Ak, dk, mk = A[rr], d[rr], m[rr]
+                _sweep(Ak, dk, mk, w[rr], t[rr], cc, unprune)
+                A[rr], d[rr], m[rr] = Ak, dk, mk
+        keep[chosen, bi] = True
+        keep[chosen, bj] = False
+        sweeps += 1
+        total_swaps += len(chosen)
+        if progress_fn is not None:
+            progress_fn(f"swap: sweep {sweeps}, {len(chosen)} swaps")
+    m_out[local] = m
+    return m_out, loss_before, loss_after, total_swaps, sweeps
+
+
 def swap_search(
     weight0: Tensor,
     hessian_d: Tensor,
@@ -434,14 +542,16 @@ def swap_search(
     max_sweeps: int = 64,
     rtol: float | None = None,
     progress_fn: Callable[[str], None] | None = None,
+    max_memory: int | str | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Best-improvement in-scope swap search from ``mask`` (see the module docstring, eqs. 2-3).
 
     Each sweep applies, in every group of coupled rows (one row, or the two rows of a ``rowpair-16`` pair), the
     single swap with the most negative exact ΔL, if it improves by more than ``rtol`` times the group's loss
-    (default ``1e-10`` in float64, ``1e-5`` in float32). Rows are processed in chunks of whole groups so that the
-    per-row ``A (K, K)`` fit in memory. The refit deltas ``δ = w' − w`` are updated with each swap (``O(K e)``) and
-    recomputed from ``A`` every :data:`RESYNC_SWEEPS` sweeps; the gradient needs one ``(n, K) × (K, K)`` product.
+    (default ``1e-10`` in float64, ``1e-5`` in float32). Rows are processed in chunks of whole groups sized by the
+    memory planner from ``max_memory`` (:func:`swap_bytes`) so that the per-row ``A (K, K)`` fit. The refit
+    deltas ``δ = w' − w`` are updated with each swap (``O(K e)``) and recomputed from ``A`` every
+    :data:`RESYNC_SWEEPS` sweeps; the gradient needs one ``(n, K) × (K, K)`` product.
 
     Returns ``(mask (M, K), stats)``; the mask is valid for ``layout``, and in exact arithmetic the damped loss of
     its refit is lower than that of ``mask`` by the sum of the applied ΔL (``stats``: damped relative errors before
@@ -455,113 +565,55 @@ def swap_search(
         rtol = 1e-10 if dt == torch.float64 else 1e-5
     if layout.nnz in (0, layout.blocks_per_scope):  # every block kept or every block pruned: no swap exists
         max_sweeps = 0
-    hs, dsc = scaled_hessian(hessian_d)
-    ws = weight0 * dsc  # (M, K)
-    mask = mask.clone()
+    budget = device_budget(weight0.device, max_memory)
+    per_row, build_row, fixed = swap_bytes(M, K, dt)
     group = _row_groups(layout)  # (M,)
     row_perm = torch.argsort(group, stable=True)
     inv_row = torch.argsort(row_perm)
     n_groups = int(group.max()) + 1
     gsize = torch.bincount(group, minlength=n_groups)
+    gmax = int(gsize.max())
+    # groups per chunk: their A and state, a 1/16 share of build rows, and room for at least one build row
+    per_group = gmax * (per_row + build_row // 16)
+    chunk_groups = plan_rows(n_groups, per_group, fixed + build_row, budget, what="swap search chunk")
+    n_rows = min(M, chunk_groups * gmax)
+    build_rows = plan_rows(n_rows, build_row, fixed + n_rows * per_row, budget, what="swap search build")
     scope_group = group[layout.rows[:, 0, 0]]  # (S,)
     scope_perm = torch.argsort(scope_group, stable=True)
     scope_bounds = torch.searchsorted(scope_group[scope_perm], torch.arange(n_groups + 1, device=group.device))
-    # a chunk holds one A (K × K) per row; swap_state builds them `build_rows` at a time (~5 K × K temporaries each)
-    units = _chunk_bytes(weight0.device) // (K * K * weight0.element_size())
-    build_rows = max(1, units // 16)
-    per_chunk = max(1, units - 5 * build_rows)
     gstart = torch.cat([torch.zeros(1, dtype=torch.long, device=group.device), gsize.cumsum(0)]).tolist()
-    total_swaps, sweeps_max = 0, 0
-    loss_before = loss_after = 0.0
-    g0 = 0
-    while g0 < n_groups:
-        g1 = g0 + 1
-        while g1 < n_groups and gstart[g1 + 1] - gstart[g0] <= per_chunk:
-            g1 += 1
+    acc = {"swaps": 0, "sweeps": 0, "before": 0.0, "after": 0.0}
+    stats: dict[str, Any] = {}
+    out = mask.clone()
+
+    def step(g0: int, g1: int) -> None:
         r0, r1 = gstart[g0], gstart[g1]
         rows = row_perm[r0:r1]  # (n,) global rows of the chunk
         sc = scope_perm[int(scope_bounds[g0]) : int(scope_bounds[g1])]
         srow = inv_row[layout.rows[sc]] - r0  # (S_c, B, e) local rows
-        scol = layout.cols[sc]
-        sgrp = scope_group[sc] - g0  # (S_c,)
-        lrow_group = group[rows] - g0  # (n,)
-        w = ws[rows]  # (n, K)
-        m = mask[rows]  # (n, K)
-        A = swap_state(w, hs, m, build_rows)
-        keep = m[srow, scol].all(-1)  # (S_c, B)
-        ng = g1 - g0
-        sweeps = 0
-        while True:
-            if sweeps % RESYNC_SWEEPS == 0:  # exact refit deltas: δ_R = A_RP w_P, δ_P = −w_P
-                wP = w * ~m
-                d = torch.where(m, torch.bmm(A, wP.unsqueeze(2)).squeeze(2), -w)  # (n, K)
-            r = d @ hs  # (n, K); zero on R up to round-off, −S w_P on P
-            t = torch.where(m, d, -r)
-            row_loss = (d * r).sum(1)  # (n,) δ H̃ δᵀ
-            grp_loss = torch.zeros(ng, dtype=dt, device=w.device).index_add_(0, lrow_group, row_loss)
-            if sweeps == 0:
-                loss_before += float(grp_loss.sum())
-            if sweeps >= max_sweeps:
-                break
-            delta, pb, kb = _candidates(A, w, t, keep, srow, scol, layout.nnz)
-            S_c, _, nz = delta.shape
-            best, arg = delta.flatten(1).min(1)  # (S_c,)
-            gbest = torch.full((ng,), math.inf, dtype=dt, device=w.device).scatter_reduce(0, sgrp, best, "amin")
-            thresh = -rtol * grp_loss.abs().clamp_min(torch.finfo(dt).tiny)
-            hit = (best == gbest[sgrp]) & (best < thresh[sgrp])
-            sidx = torch.arange(S_c, device=w.device)
-            big = torch.full((ng,), S_c, dtype=torch.long, device=w.device)
-            chosen = big.scatter_reduce(0, sgrp[hit], sidx[hit], "amin")  # (ng,) scope of each group's swap
-            active = chosen < S_c  # (ng,) groups that improve; the others are final (their state is unchanged)
-            if not bool(active.all()):
-                loss_after += float(grp_loss[~active].sum())
-                mask[rows] = m
-                if not bool(active.any()):
-                    break
-                # compact the chunk to the active groups
-                gmap = torch.cumsum(active, 0) - 1  # old group -> new group
-                rkeep = active[lrow_group]  # (n,)
-                rmap = torch.cumsum(rkeep, 0) - 1  # old local row -> new local row
-                skeep = active[sgrp]
-                smap = torch.cumsum(skeep, 0) - 1
-                rows, w, m, A, d, t = rows[rkeep], w[rkeep], m[rkeep], A[rkeep], d[rkeep], t[rkeep]
-                lrow_group = gmap[lrow_group[rkeep]]
-                srow, scol, keep, sgrp = rmap[srow[skeep]], scol[skeep], keep[skeep], gmap[sgrp[skeep]]
-                pb, kb, arg = pb[skeep], kb[skeep], arg[skeep]
-                chosen = smap[chosen[active]]
-                ng = int(active.sum())
-                grp_loss = grp_loss[active]
-            a = arg[chosen]
-            bi = pb[chosen, a // nz]  # pruned block to un-prune
-            bj = kb[chosen, a % nz]  # kept block to prune
-            rI, cI = srow[chosen, bi], scol[chosen, bi]  # (k, e)
-            rJ, cJ = srow[chosen, bj], scol[chosen, bj]
-            if layout.row_local:  # every group is one row, in order: I and J of row g
-                _swap(A, d, m, w, t, cI, cJ)
-            else:  # I and J in different rows of a group (rowpair-16): one side each
-                for rr, cc, unprune in ((rI[:, 0], cI, True), (rJ[:, 0], cJ, False)):
-                    Ak, dk, mk = A[rr], d[rr], m[rr]
-                    _sweep(Ak, dk, mk, w[rr], t[rr], cc, unprune)
-                    A[rr], d[rr], m[rr] = Ak, dk, mk
-            keep[chosen, bi] = True
-            keep[chosen, bj] = False
-            sweeps += 1
-            total_swaps += len(chosen)
-            if progress_fn is not None:
-                progress_fn(f"swap: rows {r1}/{M}, sweep {sweeps}, {len(chosen)} swaps")
-        if sweeps >= max_sweeps:
-            loss_after += float(grp_loss.sum())
-        sweeps_max = max(sweeps_max, sweeps)
-        mask[rows] = m
-        g0 = g1
+        m, before, after, swaps, sweeps = _swap_chunk(
+            ws, hs, layout, mask, rows, sc, srow, scope_group[sc] - g0, group[rows] - g0, g1 - g0,
+            min(build_rows, r1 - r0), max_sweeps, rtol, progress_fn,
+        )
+        out[rows] = m
+        acc["swaps"] += swaps
+        acc["sweeps"] = max(acc["sweeps"], sweeps)
+        acc["before"] += before
+        acc["after"] += after
+
+    hs, dsc = scaled_hessian(hessian_d)
+    ws = weight0 * dsc  # (M, K)
+    chunk = run_chunked(step, n_groups, chunk_groups, stats=stats, what="swap search chunk", budget=budget,
+                        counter="swap_oom_retries")
     den = float(((ws @ hs) * ws).sum().clamp_min(torch.finfo(dt).tiny))
-    stats = {
-        "swap_sweeps": sweeps_max,
-        "swaps": total_swaps,
-        "swap_damped_loss_before": (loss_before / den) ** 0.5,
-        "swap_damped_loss_after": (max(loss_after, 0.0) / den) ** 0.5,
-    }
-    return mask, stats
+    stats.update({
+        "swap_sweeps": acc["sweeps"],
+        "swaps": acc["swaps"],
+        "swap_damped_loss_before": (acc["before"] / den) ** 0.5,
+        "swap_damped_loss_after": (max(acc["after"], 0.0) / den) ** 0.5,
+        "swap_chunk_rows": min(M, chunk * gmax),
+    })
+    return out, stats
 
 
 # ---- composition used by prune_weight -------------------------------------------------------------------------
@@ -578,9 +630,11 @@ def refine_result(
     damp: float,
     damp_mode: str,
     progress_fn: Callable[[str], None] | None = None,
+    max_memory: int | str | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """Apply ``refine`` then ``refit`` to a method's ``(weight, mask)``; keep each step only if the true loss
-    (through the undamped ``hessian``) does not increase. Returns ``(weight, mask, stats)``.
+    """Apply ``refine`` then ``refit`` to a method's ``(weight, mask)`` within the memory budget ``max_memory``;
+    keep each step only if the true loss (through the undamped ``hessian``) does not increase. Returns
+    ``(weight, mask, stats)``.
 
     ``refine="swap"`` ends with the refit of its mask; a ``refit`` after a kept swap would recompute the same
     weights and is skipped (``stats["refit_by"] = "swap"``)."""
@@ -592,8 +646,9 @@ def refine_result(
     loss = relative_error(weight0, weight, hessian)
     refit_done = False
     if refine == "swap":
-        new_mask, st = swap_search(weight0, hd, layout, mask, max_sweeps=max_sweeps, progress_fn=progress_fn)
-        new_w, st_fit = refit(weight0, hd, new_mask, x0=weight)
+        new_mask, st = swap_search(weight0, hd, layout, mask, max_sweeps=max_sweeps, progress_fn=progress_fn,
+                                   max_memory=max_memory)
+        new_w, st_fit = refit(weight0, hd, new_mask, x0=weight, max_memory=max_memory)
         new_loss = relative_error(weight0, new_w, hessian)
         stats.update(st, **st_fit, swap_loss_before=loss, swap_loss_after=new_loss, swap_kept=new_loss <= loss)
         if new_loss <= loss:
@@ -601,7 +656,7 @@ def refine_result(
     if refit_weights and refit_done:
         stats["refit_by"] = "swap"
     elif refit_weights:
-        new_w, st_fit = refit(weight0, hd, mask, x0=weight)
+        new_w, st_fit = refit(weight0, hd, mask, x0=weight, max_memory=max_memory)
         new_loss = relative_error(weight0, new_w, hessian)
         stats.update(st_fit, refit_loss_before=loss, refit_loss_after=new_loss, refit_kept=new_loss <= loss)
         if new_loss <= loss:

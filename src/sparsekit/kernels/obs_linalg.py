@@ -1,8 +1,8 @@
 """Batched linear algebra for True OBS and OBS-ord: fast paths next to their torch references.
 
-- :func:`free_memory` — bytes still allocatable on a device (sizes the chunks of per-row work).
 - :func:`tf32` — a context manager that allows TF32 for float32 CUDA matmuls *inside it only* (the previous
   setting is restored on exit; nothing is changed at import).
+- :func:`bmm` — ``a @ b`` batched, each entry's result independent of the batch size on the CPU.
 - :func:`baddbmm_` — ``out += alpha · a @ b`` where ``a, b`` may be 16-bit (the per-row C factors stored in
   ``c_dtype``) and ``out`` is float32/float64: products accumulated and returned in ``out``'s dtype.
   Reference: upcast ``a`` and ``b`` (exact products of the rounded operands), in batch slices to bound memory.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from functools import lru_cache
 from typing import Iterator
 
@@ -31,25 +30,15 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["tf32", "baddbmm_", "chol_inv_factor", "chol_inv_factor_reference", "LOW_PRECISION"]
+__all__ = [
+    "UPCAST_SLICE_BYTES", "tf32", "bmm", "baddbmm_", "chol_inv_factor", "chol_inv_factor_reference", "LOW_PRECISION",
+]
 
 #: 16-bit storage dtypes whose GEMMs accumulate in float32.
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 #: Batch entries upcast at once by the reference path of :func:`baddbmm_` (bounds its temporary memory).
-_UPCAST_SLICE_BYTES = 256 * 2**20
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes a computation on ``device`` can still allocate: on CUDA the free device memory plus what torch's
-    caching allocator holds unused; on the CPU the available RAM."""
-    if device.type == "cuda":
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(torch.cuda.mem_get_info(device)[0] + cached)
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        return 8 * 2**30
+UPCAST_SLICE_BYTES = 256 * 2**20
 
 
 @contextlib.contextmanager
@@ -68,7 +57,7 @@ def _baddbmm_reference_(out: Tensor, a: Tensor, b: Tensor, alpha: float) -> Tens
     """``out += alpha · a @ b`` upcasting ``a``, ``b`` to ``out.dtype`` slice by slice (exact rounded operands)."""
     n = out.shape[0]
     per = max(1, (a[0].numel() + b[0].numel()) * out.element_size())
-    step = max(1, _UPCAST_SLICE_BYTES // per)
+    step = max(1, UPCAST_SLICE_BYTES // per)
     for i in range(0, n, step):
         j = min(n, i + step)
         out[i:j].baddbmm_(a[i:j].to(out.dtype), b[i:j].to(out.dtype), alpha=alpha)
@@ -105,16 +94,32 @@ def _fast_mode(device: str, in_dtype: torch.dtype) -> str:
     return "reference"
 
 
+def bmm(a: Tensor, b: Tensor) -> Tensor:
+    """``a (n, m, t) @ b (n, t, k)`` -> ``(n, m, k)``. On CUDA ``torch.bmm``; on the CPU one GEMM per entry:
+    torch's CPU ``bmm`` picks its kernel by the batch count, so an entry's rounding would depend on how many rows
+    are processed together (and the memory planner's chunking must not change results)."""
+    if a.is_cuda:
+        return torch.bmm(a, b)
+    out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=torch.promote_types(a.dtype, b.dtype))
+    for i in range(a.shape[0]):
+        torch.mm(a[i], b[i], out=out[i])
+    return out
+
+
 def baddbmm_(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
     """``out (n, m, k) += alpha · a (n, m, t) @ b (n, t, k)`` in place, accumulated in ``out.dtype``.
 
-    ``a``/``b`` may be strided views (e.g. a column slice of a wider buffer, a transpose). When they already have
-    ``out``'s dtype this is ``out.baddbmm_``; for 16-bit operands on CUDA the float32 result comes straight from
-    the tensor-core GEMM, elsewhere from the upcasting reference.
+    ``a``/``b`` may be strided views (e.g. a column slice of a wider buffer, a transpose). On CUDA, when they
+    already have ``out``'s dtype this is ``out.baddbmm_``; for 16-bit operands the float32 result comes straight
+    from the tensor-core GEMM, else from the upcasting reference. On the CPU one GEMM per entry, like :func:`bmm`.
     """
+    if not out.is_cuda:  # one GEMM per entry (see :func:`bmm`)
+        for i in range(out.shape[0]):
+            out[i].addmm_(a[i].to(out.dtype), b[i].to(out.dtype), alpha=alpha)
+        return out
     if a.dtype == out.dtype and b.dtype == out.dtype:
         return out.baddbmm_(a, b, alpha=alpha)
-    if out.is_cuda and out.dtype == torch.float32 and a.dtype in LOW_PRECISION and a.dtype == b.dtype:
+    if out.dtype == torch.float32 and a.dtype in LOW_PRECISION and a.dtype == b.dtype:
         mode = _fast_mode(str(out.device), a.dtype)
         if mode == "inplace":
             return torch.baddbmm(out, a, b, alpha=alpha, out_dtype=torch.float32, out=out)

@@ -2,10 +2,12 @@
 
 Every pruner has the signature::
 
-    fn(weight, hessian, layout, *, damp, damp_mode, progress_fn, **options) -> PrunerOutput
+    fn(weight, hessian, layout, *, damp, damp_mode, progress_fn, max_memory, **options) -> PrunerOutput
 
 ``weight (M, K)`` is a private float32/float64 copy the pruner may overwrite, ``hessian (K, K)`` the undamped
-``H`` (same dtype and device), ``layout`` the pattern resolved for ``(M, K)`` on the same device. Pruners do no
+``H`` (same dtype and device), ``layout`` the pattern resolved for ``(M, K)`` on the same device, ``max_memory``
+the memory budget in bytes or ``None`` (:func:`sparsekit.memory.device_budget`; methods that chunk their rows
+plan the chunks with :func:`sparsekit.memory.plan_rows`; methods that allocate little may ignore it). Pruners do no
 input validation of weight/H/pattern (``sparsekit.prune_weight`` does); they validate their own options.
 Modules are imported on first use, so importing sparsekit stays cheap and never touches CUDA.
 """

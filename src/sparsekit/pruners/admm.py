@@ -36,6 +36,7 @@ from torch import Tensor
 from sparsekit.hessian import DEFAULT_DAMP, damped_hessian, scaled_hessian
 from sparsekit.errors import InputError
 from sparsekit.kernels import obs_linalg
+from sparsekit.memory import device_budget, plan_rows
 from sparsekit.metrics import relative_error
 from sparsekit.patterns import Layout
 from sparsekit.pruners import METHODS, PrunerOutput, get_pruner
@@ -44,7 +45,16 @@ from sparsekit.refine import REFIT_SOLVERS, refit
 
 log = logging.getLogger(__name__)
 
-__all__ = ["prune_admm", "admm_iterate"]
+__all__ = ["prune_admm", "admm_iterate", "admm_bytes"]
+
+
+def admm_bytes(K: int, work: torch.dtype) -> tuple[int, int]:
+    """``(per_row, fixed)`` bytes of :func:`admm_iterate` (``s`` bytes of the work dtype). Per row the ``(M, K)``
+    matrices it holds: ``W₀ D``, ``W₀ H̃``, ``V``, ``W``, ``Z``, ``U = W + V/ρ``, its square, the mask, the
+    previous mask and the reference mask, the right-hand side of the W-update (``8·K·s + 3·K``); fixed ``H_d``,
+    ``H̃``, the identity, the factor of ``H̃ + ρI`` and ``(H̃ + ρI)⁻¹`` (``5·K²·s``)."""
+    s = work.itemsize
+    return 8 * K * s + 3 * K, 5 * K * K * s
 
 
 def _check_options(
@@ -154,6 +164,7 @@ def prune_admm(
     rho_every: int = 10,
     refit_solver: str = "auto",
     tf32: bool = False,
+    max_memory: int | str | None = None,
 ) -> PrunerOutput:
     """ADMM pruning of ``weight (M, K)`` to ``layout``, warm-started from ``init`` (module docstring).
 
@@ -168,13 +179,21 @@ def prune_admm(
         tf32: TF32 for the float32 matmuls of the ADMM iterations and of the final refit's CG iterations on CUDA,
             on (True) or off (False) whatever the global setting (:func:`sparsekit.kernels.obs_linalg.tf32`); the
             refit's convergence test (its true residual) and the loss never use it.
+        max_memory: the memory budget (:func:`sparsekit.memory.device_budget`) of the init, the iterations
+            (which hold every row at once: :func:`admm_bytes`) and the refit (whose row chunks it plans).
+    Raises:
+        ResourceError: the iterations or a step's smallest chunk do not fit the budget.
     """
     init_options = {} if init_options is None else init_options
     _check_options(init, init_options, rho, iters, patience, rho_every, refit_solver, tf32)
     init_fn = get_pruner(init)
     _check_init_options(init_fn, init, init_options)
+    M, K = weight.shape
+    per_row, fixed = admm_bytes(K, weight.dtype)
+    plan_rows(M, per_row, fixed, device_budget(weight.device, max_memory), multiple=M, what="admm iterations")
     w0 = weight.clone()
-    out0 = init_fn(weight, hessian, layout, damp=damp, damp_mode=damp_mode, progress_fn=progress_fn, **init_options)
+    out0 = init_fn(weight, hessian, layout, damp=damp, damp_mode=damp_mode, progress_fn=progress_fn,
+                   max_memory=max_memory, **init_options)
     mask0 = out0.mask.bool()
     winit = out0.weight.masked_fill(~mask0, 0.0)
     loss_init = relative_error(w0, winit, hessian)
@@ -186,7 +205,7 @@ def prune_admm(
             w0 * d, hs, layout, winit * d, mask0,
             rho=float(rho), iters=iters, patience=patience, rho_every=rho_every, progress_fn=progress_fn,
         )
-    new_w, st_refit = refit(w0, hd, mask, solver=refit_solver, x0=w_s / d, tf32=tf32)
+    new_w, st_refit = refit(w0, hd, mask, solver=refit_solver, x0=w_s / d, tf32=tf32, max_memory=max_memory)
     loss_admm = relative_error(w0, new_w, hessian)
     stats: dict[str, Any] = {"init": init, "init_loss": loss_init, "admm_loss": loss_admm, **st, **st_refit,
                              "mask_changed_vs_init": int((mask != mask0).sum()) // layout.block_numel // 2,

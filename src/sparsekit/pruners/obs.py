@@ -76,6 +76,7 @@ from torch import Tensor
 
 from sparsekit.errors import InputError
 from sparsekit.hessian import DEFAULT_DAMP, check_damp, check_hessian, damped_inverse
+from sparsekit.memory import device_budget, plan_rows
 from sparsekit.metrics import pow2_scale, relative_error
 from sparsekit.patterns import Layout, Pattern, ScopeSpec, block_col_indices, block_param_rc, check_mask
 from sparsekit.pruners import PrunerOutput, get_pruner
@@ -581,11 +582,24 @@ class StructuredOBS:
 
 
 # ---- registered pure functions -----------------------------------------------------------------------------
+def obs_bytes(layout: Layout, block_size: int, work: torch.dtype) -> tuple[int, int]:
+    """``(per_row, fixed)`` bytes of the StructuredOBS pruners (every row at once; ``s`` bytes of the work dtype):
+    per row the pruned mask (``K``) and, for the ``block_size`` columns handled at once, each scope's weights
+    and every subset's ``w_S`` with their temporaries (8 B per entry); fixed ``H + Λ``, its factor, ``C`` and
+    ``C``'s rows of a split (``4·K²·s``)."""
+    K, B, e, p = layout.num_cols, layout.blocks_per_scope, layout.block_numel, layout.num_prune
+    scopes = -(-min(block_size, K) // (B * e)) * layout.chunk_rows
+    return K + scopes * 8 * (B * e + 3 * math.comb(B, p) * p * e), 4 * K * K * work.itemsize
+
+
 def _prune(
     weight: Tensor, hessian: Tensor, layout: Layout, damp: float, damp_mode: str, progress_fn: ProgressFn,
-    compensate: str, block_size: int, n_splits: int,
+    compensate: str, block_size: int, n_splits: int, max_memory: int | str | None = None,
 ) -> PrunerOutput:
     _check_options(compensate, block_size, n_splits, layout)
+    per_row, fixed = obs_bytes(layout, block_size, weight.dtype)
+    plan_rows(layout.num_rows, per_row, fixed, device_budget(weight.device, max_memory), multiple=layout.num_rows,
+              what=f"obs-{compensate}")
     d = damped_inverse(hessian, damp, damp_mode, upper=compensate in ("split", "interleaved") and n_splits > 1)
     inv = _Inverse(d.inverse, U=d.upper, chol=d.chol)
     pruned = _run(weight, layout, inv, compensate, block_size, n_splits, progress_fn)
@@ -602,13 +616,14 @@ def prune_obs_local(
     damp_mode: str = "mean",
     progress_fn: ProgressFn = None,
     block_size: int = 2048,
+    max_memory: int | str | None = None,
 ) -> PrunerOutput:
     """StructuredOBS ``compensate="local"``: phase-1 masks, exact within-scope least-squares compensation.
 
     ``block_size``: columns per run of the phase-1 search and per lazy batch of the compensation; it bounds
     memory and does not change the result.
     """
-    return _prune(weight, hessian, layout, damp, damp_mode, progress_fn, "local", block_size, 1)
+    return _prune(weight, hessian, layout, damp, damp_mode, progress_fn, "local", block_size, 1, max_memory)
 
 
 def prune_obs_full(
@@ -620,13 +635,14 @@ def prune_obs_full(
     damp_mode: str = "mean",
     progress_fn: ProgressFn = None,
     block_size: int = 2048,
+    max_memory: int | str | None = None,
 ) -> PrunerOutput:
     """StructuredOBS ``compensate="full"``: phase-1 masks, sequential frozen-C compensation of all K columns.
 
     ``block_size``: columns per run of the phase-1 search and per lazy batch of the compensation; it bounds
     memory and does not change the result.
     """
-    return _prune(weight, hessian, layout, damp, damp_mode, progress_fn, "full", block_size, 1)
+    return _prune(weight, hessian, layout, damp, damp_mode, progress_fn, "full", block_size, 1, max_memory)
 
 
 def prune_obs_split(
@@ -639,6 +655,7 @@ def prune_obs_split(
     progress_fn: ProgressFn = None,
     block_size: int = 2048,
     n_splits: int = 1,
+    max_memory: int | str | None = None,
 ) -> PrunerOutput:
     """StructuredOBS ``compensate="split"``: phase-1 masks, C recomputed for the unprocessed columns at each of
     ``n_splits`` splits (processed columns frozen).
@@ -647,7 +664,7 @@ def prune_obs_split(
     memory and does not change the result.
     ``n_splits``: splits of (nearly) equal numbers of column groups, ``1 <= n_splits <= groups``; 1 is ``full``.
     """
-    return _prune(weight, hessian, layout, damp, damp_mode, progress_fn, "split", block_size, n_splits)
+    return _prune(weight, hessian, layout, damp, damp_mode, progress_fn, "split", block_size, n_splits, max_memory)
 
 
 def prune_obs_interleaved(
@@ -660,6 +677,7 @@ def prune_obs_interleaved(
     progress_fn: ProgressFn = None,
     block_size: int = 2048,
     n_splits: int = 1,
+    max_memory: int | str | None = None,
 ) -> PrunerOutput:
     """StructuredOBS ``compensate="interleaved"``: like ``split``, with each split's masks re-selected with
     the current C and weights.
@@ -668,4 +686,5 @@ def prune_obs_interleaved(
     memory and does not change the result.
     ``n_splits``: splits of (nearly) equal numbers of column groups, ``1 <= n_splits <= groups``; 1 is ``full``.
     """
-    return _prune(weight, hessian, layout, damp, damp_mode, progress_fn, "interleaved", block_size, n_splits)
+    return _prune(weight, hessian, layout, damp, damp_mode, progress_fn, "interleaved", block_size, n_splits,
+                  max_memory)

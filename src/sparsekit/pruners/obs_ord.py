@@ -38,7 +38,8 @@ ng=64, that moved the loss by up to +4.5% (float16) from float32 and made ``C_PP
 rounding only ``Y`` stayed within 0.3% (DESIGN.md §5's 0.5% rule; ``tests/test_obs_ord.py``). A ``C_PP`` or
 ``C_QQ`` that rounding leaves indefinite gets a small diagonal jitter (:func:`_factor`, ``stats["jitter_steps"]``;
 seen once, bfloat16 on a 32-row slice, loss unchanged to 0.02%).
-Memory: ``K²`` for ``C`` plus ``rows · q²`` for the per-row ``C_{P_r P_r}`` (computed in slices of rows). The
+Memory: ``K²`` for ``C`` plus ``rows · q²`` for the per-row ``C_{P_r P_r}`` (computed in slices of rows sized by
+the memory planner, :mod:`sparsekit.memory`, from :func:`obs_ord_bytes` and ``max_memory``). The
 per-row solves are batched inverse Cholesky factors (:func:`~sparsekit.kernels.obs_linalg.chol_inv_factor`);
 the compensation of all rows is one GEMM.
 """
@@ -57,6 +58,7 @@ from torch import Tensor
 from sparsekit.errors import InputError
 from sparsekit.hessian import DEFAULT_DAMP, scaled_inverse
 from sparsekit.kernels.obs_linalg import LOW_PRECISION, baddbmm_, tf32
+from sparsekit.memory import device_budget, plan_rows, run_chunked
 from sparsekit.patterns import Layout
 from sparsekit.pruners import PrunerOutput
 from sparsekit.pruners.scoring import obs_cost, shared_scope_inverse, subsets
@@ -72,10 +74,7 @@ from sparsekit.pruners._common import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["prune_obs_ord"]
-
-#: Bytes of temporaries per slice of rows when scoring and solving (bounds peak memory).
-_SLICE_BYTES = 512 * 2**20
+__all__ = ["prune_obs_ord", "obs_ord_bytes"]
 
 
 def _factor(A: Tensor, what: str, stats: dict[str, Any]) -> Tensor:
@@ -126,6 +125,24 @@ def _best(w: Tensor, Cs: Tensor, num_blocks: int, num_prune: int, elems: int) ->
     return cost, keep
 
 
+def obs_ord_bytes(M: int, K: int, layout: Layout, num_scopes: int, q: int, work: torch.dtype) -> tuple[int, int, int]:
+    """``(per_chunk_scoring, per_row_solve, fixed)`` bytes of one batch (``s`` bytes of the work dtype).
+
+    Scoring, per row chunk: for each of the ``num_scopes`` candidate scopes its weights and every subset's
+    ``w_S`` with the einsum temporaries (8 B per entry, as float64). Solving, per row: ``C_PP``, its factor, ``X``
+    and the identity (``4·q²·s``), the gather's int64 indices (``2·8·q²``) and ``q``-vectors. Fixed: ``C`` and
+    the downdate's copies (``4·K²·s``), ``E`` and the pruned mask (``M·K·(s + 1)``), the scores
+    (``num_scopes`` per chunk).
+    """
+    B, e, p = layout.blocks_per_scope, layout.block_numel, layout.num_prune
+    s = work.itemsize
+    n_el = B * e
+    per_chunk = num_scopes * 8 * (n_el + 3 * math.comb(B, p) * p * e)
+    per_row = 4 * q * q * s + 16 * q * q + 32 * q
+    fixed = 4 * K * K * s + M * K * (s + 1) + (M // layout.chunk_rows) * num_scopes * (s + B)
+    return per_chunk, per_row, fixed
+
+
 def prune_obs_ord(
     weight: Tensor,
     hessian: Tensor,
@@ -137,6 +154,7 @@ def prune_obs_ord(
     ng: int = 256,
     order: str = "largest_first",
     c_dtype: torch.dtype | None = None,
+    max_memory: int | str | None = None,
 ) -> PrunerOutput:
     """OBS-ord (module docstring) on ``weight (M, K)`` with the undamped ``hessian (K, K)``.
 
@@ -145,6 +163,7 @@ def prune_obs_ord(
         order: ``"largest_first"`` (largest total cost, re-evaluated each batch) or ``"left_to_right"``.
         c_dtype: operand dtype of the Schur downdate GEMM (``None``: the working dtype); ``C`` stays in the
             working dtype (module docstring).
+        max_memory: the memory budget (:func:`sparsekit.memory.device_budget`) of the row slices.
     """
     if not isinstance(ng, int) or isinstance(ng, bool) or ng < 1:
         raise InputError(f"ng (scope columns per batch) must be an int >= 1, got {ng!r}.")
@@ -155,13 +174,15 @@ def prune_obs_ord(
     dev = weight.device
     work = weight.dtype
     c = c_dtype or work
+    budget = device_budget(dev, max_memory)
     B, e, p = layout.blocks_per_scope, layout.block_numel, layout.num_prune
     cr = layout.chunk_rows
     nch = M // cr
     inv = scaled_inverse(hessian, damp, damp_mode)
     pruned = torch.zeros(M, K, dtype=torch.bool, device=dev)
     stats: dict[str, Any] = {"damp_steps": inv.steps, "ng": ng, "order": order,
-                             "c_dtype": str(c).replace("torch.", ""), "batches": 0, "jitter_steps": 0}
+                             "c_dtype": str(c).replace("torch.", ""), "batches": 0, "jitter_steps": 0,
+                             "oom_retries": 0}
     if p == 0:  # nothing to prune: the weight as it is (no round trip through the scaling)
         return PrunerOutput(weight, ~pruned, inv.damp, stats)
     W = weight.mul_(inv.d)  # (M, K) scaled weights
@@ -177,9 +198,6 @@ def prune_obs_ord(
     Wc = W.view(nch, cr, K)
     row_local = cr == 1
     use_tf32 = weight.is_cuda and ((c == torch.float32 and TF32_DEFAULT) or c in LOW_PRECISION)
-    n_el = B * e
-    # bytes per (row chunk, scope) in _best: the scope's weights, every subset's w_S and the einsum temporaries
-    sub_bytes = 8 * (n_el + 3 * math.comb(B, p) * p * e)
     t0 = time.perf_counter()
     with tf32(use_tf32) if weight.is_cuda else contextlib.nullcontext():
         while bool(undecided.any()):
@@ -192,13 +210,16 @@ def prune_obs_ord(
             sids = members[cand].flatten()  # (ns,) template scopes of the candidate scope columns
             r_s, c_s = t_rows[sids], t_cols[sids]  # (ns, B, e)
             Cs = shared_scope_inverse(C, r_s, pos[c_s])  # (ns, n, n)
-            step = max(1, _SLICE_BYTES // max(1, len(sids) * sub_bytes))
+            per_chunk, _, fixed = obs_ord_bytes(M, K, layout, len(sids), 0, work)
+            step = plan_rows(nch, per_chunk, fixed, budget, what="obs-ord scoring")
             cost = torch.empty(nch, len(sids), dtype=work, device=dev)
             keep = torch.empty(nch, len(sids), B, dtype=torch.bool, device=dev)
-            for a in range(0, nch, step):
-                b = min(nch, a + step)
+
+            def score(a: int, b: int) -> None:
                 wv = Wc[a:b][:, r_s, c_s].flatten(-2)  # (b-a, ns, n)
                 cost[a:b], keep[a:b] = _best(wv, Cs, B, p, e)
+
+            run_chunked(score, nch, step, stats=stats, what="obs-ord scoring", budget=budget)
             if order == "largest_first":
                 total = cost.sum(0).view(len(cand), -1).sum(1)  # (nc,) total cost per scope column
                 top = total.topk(min(ng, len(cand))).indices
@@ -219,9 +240,10 @@ def prune_obs_ord(
             q = P.shape[1]
             E = torch.zeros(M, len(Q), dtype=work, device=dev)
             jq = torch.searchsorted(Q, P)  # (M, q) index of each pruned column in Q
-            rs = max(1, _SLICE_BYTES // max(1, 4 * q * q * 8))  # C_PP, its factor, X and the identity
-            for a in range(0, M, rs):
-                b = min(M, a + rs)
+            _, per_row, fixed = obs_ord_bytes(M, K, layout, len(sids), q, work)
+            rs = plan_rows(M, per_row, fixed, budget, what="obs-ord solves")
+
+            def solve(a: int, b: int) -> None:
                 pP = pos[P[a:b]]  # (n, q)
                 Cpp = C[pP.unsqueeze(2), pP.unsqueeze(1)]  # (n, q, q)
                 wP = W[a:b].gather(1, P[a:b])
@@ -231,8 +253,12 @@ def prune_obs_ord(
                     Cpp.diagonal(dim1=1, dim2=2).add_((~v).to(work))
                     wP = wP * v
                 X = _factor((Cpp + Cpp.mT) / 2, "C_PP", stats)
-                ev = (X.mT @ (X @ wP.unsqueeze(2))).squeeze(2)  # (n, q) (C_PP)⁻¹ w_Pᵀ
-                E[a:b].scatter_add_(1, jq[a:b].clamp_max(len(Q) - 1), ev)
+                # (n, q) (C_PP)⁻¹ w_Pᵀ = Xᵀ X w_Pᵀ as products and sums (a batched mat-vec rounds differently
+                # for a batch of one, and results must not depend on the slicing)
+                ev = (X * (X * wP.unsqueeze(1)).sum(2).unsqueeze(2)).sum(1)
+                E[a:b] = torch.zeros_like(E[a:b]).scatter_add_(1, jq[a:b].clamp_max(len(Q) - 1), ev)
+
+            run_chunked(solve, M, rs, stats=stats, what="obs-ord solves", budget=budget)
             # (2.1) one GEMM for every row: δw_F = −E C_{Q,F}
             W[:, free] -= E @ C[Qpos]
             pruned[er, ec] = True

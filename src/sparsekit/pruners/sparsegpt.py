@@ -21,6 +21,7 @@ from torch import Tensor
 from sparsekit.errors import InputError
 from sparsekit.hessian import DEFAULT_DAMP, damped_inverse
 from sparsekit.kernels.sparsegpt_nm import available, sweep_batch
+from sparsekit.memory import device_budget, plan_rows
 from sparsekit.patterns import Layout, top_mask
 from sparsekit.pruners import PrunerOutput
 from sparsekit.pruners._common import batch_bounds
@@ -65,6 +66,14 @@ def _fused_config(layout: Layout, blocksize: int, W: Tensor) -> tuple[int, int, 
     return B, e, layout.nnz
 
 
+def sparsegpt_bytes(K: int, blocksize: int, work: torch.dtype) -> tuple[int, int]:
+    """``(per_row, fixed)`` bytes of :func:`prune_sparsegpt` (``s`` bytes of the work dtype): per row the pruned
+    mask (``K``) and a lazy batch's copy, errors and scores (``4·blocksize·s``); fixed ``H + λI``, its factor and
+    the upper factor of the inverse (``3·K²·s``)."""
+    s = work.itemsize
+    return K + 4 * blocksize * s, 3 * K * K * s
+
+
 def prune_sparsegpt(
     weight: Tensor,
     hessian: Tensor,
@@ -74,11 +83,15 @@ def prune_sparsegpt(
     damp_mode: str = "mean",
     progress_fn: Callable[[str], None] | None = None,
     blocksize: int = 128,
+    max_memory: int | str | None = None,
 ) -> PrunerOutput:
-    """SparseGPT on ``weight (M, K)``; ``blocksize`` is the lazy-batch width in columns."""
+    """SparseGPT on ``weight (M, K)``; ``blocksize`` is the lazy-batch width in columns. Every row is swept at
+    once: ``max_memory`` (:func:`sparsekit.memory.device_budget`) is checked against :func:`sparsegpt_bytes`."""
     if not isinstance(blocksize, int) or blocksize < 1:
         raise InputError(f"blocksize must be a positive int, got {blocksize!r}.")
     M, K = weight.shape
+    per_row, fixed = sparsegpt_bytes(K, blocksize, weight.dtype)
+    plan_rows(M, per_row, fixed, device_budget(weight.device, max_memory), multiple=M, what="sparsegpt")
     inv = damped_inverse(hessian, damp, damp_mode, upper=True)
     U = inv.upper  # (K, K) upper, C = UᵀU
     W = weight

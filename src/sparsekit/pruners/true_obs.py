@@ -42,8 +42,9 @@ Schur updates"; the weight's working dtype on the CPU (where 16-bit GEMMs are sl
 choice is measured within 0.5% of the same algorithm in float64 (BENCHMARKS.md).
 
 **chunk_size.** Rows processed together (rounded up to a multiple of the pattern's row chunk, 16 for
-rowpair-16). ``None`` picks the largest chunk whose ``U`` and work buffers fit in 80% of the free memory of the
-device (``torch.cuda.mem_get_info``; on the CPU the available RAM), capped at ``M``.
+rowpair-16). The memory planner (:mod:`sparsekit.memory`) sizes the chunks from :func:`chunk_bytes` and the
+budget (``max_memory``, else what the device can give): ``None`` takes the largest chunk that fits, an int at
+most that many rows. On a CUDA out-of-memory error a chunk is retried at half the rows.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ from torch import Tensor
 
 from sparsekit.errors import InputError, PatternError
 from sparsekit.hessian import DEFAULT_DAMP, scaled_inverse
-from sparsekit.kernels.obs_linalg import LOW_PRECISION, baddbmm_, free_memory, tf32
+from sparsekit.kernels.obs_linalg import LOW_PRECISION, UPCAST_SLICE_BYTES, baddbmm_, bmm, tf32
+from sparsekit.memory import Budget, device_budget, plan_rows, require, run_chunked
 from sparsekit.patterns import Layout
 from sparsekit.pruners import PrunerOutput
 from sparsekit.pruners._common import (
@@ -76,7 +78,7 @@ from sparsekit.pruners.scoring import best_subset, independent_choice, shared_sc
 
 log = logging.getLogger(__name__)
 
-__all__ = ["prune_true_obs", "TrueOBSChunk", "SCORINGS"]
+__all__ = ["prune_true_obs", "chunk_bytes", "TrueOBSChunk", "SCORINGS"]
 
 SCORINGS = ("independent", "joint")
 
@@ -248,9 +250,9 @@ class TrueOBSChunk:
         wP = self.w.gather(1, P)  # (R, q)
         if valid is not None:
             wP = wP * valid
-        a = (X @ wP.unsqueeze(2)).squeeze(2)  # (R, q) L⁻¹ w_Pᵀ
-        Z = torch.bmm(Gt.mT, X.mT)  # (R, K, q) C_{:,P} L⁻ᵀ
-        self.w.sub_((Z @ a.unsqueeze(2)).squeeze(2))  # (2.1)
+        a = bmm(X, wP.unsqueeze(2)).squeeze(2)  # (R, q) L⁻¹ w_Pᵀ
+        Z = bmm(Gt.mT, X.mT)  # (R, K, q) C_{:,P} L⁻ᵀ
+        self.w.sub_(bmm(Z, a.unsqueeze(2)).squeeze(2))  # (2.1)
         if valid is None:  # (2.2) C ← C − Z Zᵀ
             self.U[:, :, self.t : self.t + q] = Z
             self.t += q
@@ -298,20 +300,53 @@ class TrueOBSChunk:
 
 
 # ---- driver -------------------------------------------------------------------------------------------------
-def _chunk_rows(layout: Layout, chunk_size: int | None, ng: int, c_dtype: torch.dtype, work: torch.dtype) -> int:
-    """Rows per chunk: ``chunk_size`` rounded up to the pattern's row chunk, or the largest that fits (None)."""
+def chunk_bytes(layout: Layout, ng: int, c_dtype: torch.dtype, work: torch.dtype) -> tuple[int, int]:
+    """``(per_row, fixed)`` bytes of a chunk of :class:`TrueOBSChunk` rows (for :func:`sparsekit.memory.plan_rows`).
+
+    Per row (``q`` = columns pruned per step, ``t`` = ``U``'s width, ``c``/``s`` bytes of ``c_dtype``/work):
+    ``U`` ``K·t·c``; the gather ``U_P`` ``q·t·c``; ``C_{P,:}``, ``Z``, its ``c_dtype`` copy and the product
+    ``4·K·q·s``; ``C_PP``, its factor and work ``4·q²·s``; weights, diagonal, copies ``4·K·s``; the int64 row/column
+    indices of the chunk's geometry and of the scoring gathers (``6·K·8``) and the masks. Fixed: ``C0`` (``K²·s``),
+    the pruned mask (``M·K``) and, when ``U`` is stored in another dtype, the upcast operands of the reference GEMM
+    (:func:`~sparsekit.kernels.obs_linalg.baddbmm_`: one row on the CPU, a slice on CUDA without a fast path).
+    """
     M, K = layout.num_rows, layout.num_cols
-    cr = layout.chunk_rows
-    if chunk_size is not None:
-        return min(M, -(-chunk_size // cr) * cr)
-    Sg = _geometry(layout, cr, layout.device).groups.shape[1]  # scopes per row group
+    Sg = _geometry(layout, layout.chunk_rows, layout.device).groups.shape[1]  # scopes per row group
     e, p = layout.block_numel, layout.num_prune
     t_max = min(K, Sg * p * e)
+    width = -(-(t_max + 1) // 16) * 16
     q = min(K, ng * p * e)
-    per_row = K * t_max * c_dtype.itemsize + 4 * K * q * torch.finfo(work).bits // 8 + 16 * K
-    free = 0.8 * free_memory(layout.device) - 3 * K * K * torch.finfo(work).bits // 8
-    rows = max(cr, int(free // per_row) // cr * cr)
-    return min(M, rows)
+    c, s = c_dtype.itemsize, work.itemsize
+    per_row = K * width * c + q * width * c + 4 * K * q * s + 4 * q * q * s + 4 * K * s + 6 * K * 8 + 4 * K
+    upcast = max(UPCAST_SLICE_BYTES, (q + K) * width * s) if c_dtype != work else 0
+    fixed = K * K * s + M * K + upcast
+    return per_row, fixed
+
+
+def _inverse_bytes(K: int, work: torch.dtype) -> int:
+    """Peak of :func:`scaled_inverse`: ``H + Λ``, its Cholesky factor, the inverse and the scaled copy."""
+    return 4 * K * K * work.itemsize
+
+
+def _chunk_rows(layout: Layout, chunk_size: int | None, ng: int, c_dtype: torch.dtype, work: torch.dtype,
+                budget: Budget) -> int:
+    """Rows per chunk: the planner's, at most ``chunk_size`` rounded up to the pattern's row chunk."""
+    M, cr = layout.num_rows, layout.chunk_rows
+    cap = M if chunk_size is None else min(M, -(-chunk_size // cr) * cr)
+    per_row, fixed = chunk_bytes(layout, ng, c_dtype, work)
+    return plan_rows(cap, per_row, fixed, budget, multiple=cr, what="true-obs chunk")
+
+
+def _run_chunk(W: Tensor, pruned: Tensor, r0: int, r1: int, C0: Tensor, geom: _Geometry, ng: int, order: str,
+               scoring: str, c_dtype: torch.dtype) -> tuple[int, int]:
+    """True OBS on rows ``[r0, r1)`` of ``W``; writes ``W`` and ``pruned`` there only once the chunk is done.
+    Returns ``(steps, jitter_steps)``."""
+    chunk = TrueOBSChunk(W[r0:r1].clone(), C0, geom, scoring, c_dtype)
+    while chunk.left:
+        chunk.step(ng, order)
+    W[r0:r1] = chunk.w
+    pruned[r0:r1] = chunk.pruned
+    return chunk.steps, chunk.jitter_steps
 
 
 def prune_true_obs(
@@ -323,27 +358,34 @@ def prune_true_obs(
     damp_mode: str = "mean",
     progress_fn: MessageFn = None,
     ng: int = 64,
-    chunk_size: int | None = 16,
+    chunk_size: int | None = None,
     order: str = "left_to_right",
     scoring: str = "independent",
     c_dtype: torch.dtype | None = None,
+    max_memory: int | str | None = None,
 ) -> PrunerOutput:
     """True OBS (module docstring) on ``weight (M, K)`` with the undamped ``hessian (K, K)``.
 
     Args:
         ng: scopes per row group pruned per step (``ng = 1`` with ``joint``: exact greedy OBS).
-        chunk_size: rows processed together (memory O(chunk_size · K²)); ``None``: the most that fit.
+        chunk_size: at most this many rows processed together (memory O(chunk_size · K²)); ``None``: the most
+            that fit the budget (:func:`chunk_bytes`).
         order: ``"left_to_right"`` or ``"largest_first"``.
         scoring: ``"independent"`` (``w²/C_jj`` per element) or ``"joint"`` (enumerate subsets).
         c_dtype: storage dtype of the per-row factors ``U`` (``None``: float16 on CUDA, else the working dtype;
             ``torch.float32`` on CUDA: TF32 GEMMs).
+        max_memory: the memory budget (:func:`sparsekit.memory.device_budget`); ``None``: what the device gives.
     Raises:
         InputError: bad options; a pattern with too many subsets for ``joint``.
+        ResourceError: not even one row chunk fits the budget.
     """
     _check_options(ng, chunk_size, order, scoring, c_dtype)
     M, K = weight.shape
     work = weight.dtype
     c = c_dtype or (torch.float16 if weight.is_cuda and work == torch.float32 else work)
+    budget = device_budget(weight.device, max_memory)
+    require(_inverse_bytes(K, work), budget, "true-obs inverse")
+    R = _chunk_rows(layout, chunk_size, ng, c, work, budget) if layout.num_prune else M
     inv = scaled_inverse(hessian, damp, damp_mode)
     pruned = torch.zeros(M, K, dtype=torch.bool, device=weight.device)
     stats: dict[str, Any] = {"damp_steps": inv.steps, "ng": ng, "order": order, "scoring": scoring,
@@ -351,28 +393,23 @@ def prune_true_obs(
     if layout.num_prune == 0:  # nothing to prune: the weight as it is (no round trip through the scaling)
         return PrunerOutput(weight, ~pruned, inv.damp, stats)
     W = weight.mul_(inv.d)  # (M, K) scaled weights, in place on the private copy
-    R = _chunk_rows(layout, chunk_size, ng, c, work)
     use_tf32 = weight.is_cuda and ((c == torch.float32 and TF32_DEFAULT) or c in LOW_PRECISION)
-    stats.update(chunk_size=R, tf32=bool(use_tf32))
+    stats.update(chunk_size=R, tf32=bool(use_tf32), oom_retries=0)
     geoms: dict[int, _Geometry] = {}
     t0 = time.perf_counter()
+
+    def step(r0: int, r1: int) -> None:
+        if r1 - r0 not in geoms:
+            geoms[r1 - r0] = _geometry(layout, r1 - r0, weight.device)
+        steps, jitter = _run_chunk(W, pruned, r0, r1, inv.C, geoms[r1 - r0], ng, order, scoring, c)
+        stats["steps"] += steps
+        stats["jitter_steps"] += jitter
+        if progress_fn is not None:
+            el = time.perf_counter() - t0
+            progress_fn(f"true-obs: rows {r1}/{M}, {el:.1f}s elapsed, ETA {el / r1 * (M - r1):.1f}s")
+
     with tf32(use_tf32) if weight.is_cuda else contextlib.nullcontext():
-        for r0 in range(0, M, R):
-            r1 = min(M, r0 + R)
-            if r1 - r0 not in geoms:
-                geoms[r1 - r0] = _geometry(layout, r1 - r0, weight.device)
-            chunk = TrueOBSChunk(W[r0:r1].clone(), inv.C, geoms[r1 - r0], scoring, c)
-            while chunk.left:
-                chunk.step(ng, order)
-            W[r0:r1] = chunk.w
-            pruned[r0:r1] = chunk.pruned
-            stats["steps"] += chunk.steps
-            stats["jitter_steps"] += chunk.jitter_steps
-            del chunk
-            if progress_fn is not None:
-                el = time.perf_counter() - t0
-                progress_fn(f"true-obs: rows {r1}/{M}, {el:.1f}s elapsed, ETA {el / r1 * (M - r1):.1f}s")
+        stats["chunk_size"] = run_chunked(step, M, R, multiple=layout.chunk_rows, stats=stats,
+                                          what="true-obs chunk", budget=budget)
     W.div_(inv.d).masked_fill_(pruned, 0.0)
     return PrunerOutput(W, ~pruned, inv.damp, stats)
-
-
