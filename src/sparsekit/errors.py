@@ -20,3 +20,7 @@ class InputError(SparsekitError):
 
 class HessianError(SparsekitError):
     """The Hessian is not usable: not symmetric, not PSD, or singular past the damping bound."""
+
+
+class MissingTextError(InputError):
+    """A named text source is not on this machine; the message names the Debian package that provides it."""
