@@ -48,15 +48,10 @@ def test_split_disjoint_complete_deterministic(source):
 
 def test_mixed_is_balanced_and_contains_every_source():
     mixed = T.load_texts("mixed")
-    pydoc = set(T.load_texts("pydoc"))
-    stdlib = set(T.load_texts("stdlib"))
-    docs = set(T.load_texts("docs", "all")) if "docs" in T.available_sources() else set()
-    assert set(mixed) <= pydoc | stdlib | docs
+    per = {s: set(T.load_texts(s)) for s in T.calibration_sources()}
+    assert {"stdlib", "pydoc"} <= set(per) and set(mixed) == set().union(*per.values())
     prefix = mixed[:200]
-    chars = sum(map(len, prefix))
-    share = sum(len(d) for d in prefix if d in pydoc) / chars
-    assert 0.3 < share < 0.7, share  # a prefix holds both sources in about equal characters
-    assert any(d in stdlib for d in prefix)
+    assert all(any(d in docs for d in prefix) for docs in per.values())  # every source from the start
 
 
 def test_user_path(tmp_path):
@@ -322,7 +317,7 @@ def test_docs_source_reads_html_and_sphinx_text(tmp_path, monkeypatch):
         f.write("\n\n".join(f"Section {i}: the tutorial explains list comprehensions well." for i in range(80)))
     files = [str(tmp_path / "a.html"), str(tmp_path / "b.txt.gz")]
     monkeypatch.setattr(T, "_doc_files", lambda: files)
-    T._debian_docs.cache_clear()
+    T._file_docs.cache_clear()
     try:
         docs = T.load_texts("docs", "all")
         joined = "\n".join(docs)
@@ -332,4 +327,4 @@ def test_docs_source_reads_html_and_sphinx_text(tmp_path, monkeypatch):
         mixed = T.load_texts("mixed", "all")
         assert set(docs) <= set(mixed)
     finally:
-        T._debian_docs.cache_clear()
+        T._file_docs.cache_clear()

@@ -32,3 +32,7 @@ class ResourceError(SparsekitError):
         super().__init__(message)
         self.needed = needed
         self.budget = budget
+
+
+class MissingTextError(InputError):
+    """A named text source is not on this machine; the message names the Debian package that provides it."""

@@ -36,6 +36,9 @@ __all__ = [
     "embedding_similarity",
     "heldout_sources",
     "evaluate",
+    "domain_windows",
+    "perplexity_by_domain",
+    "generalisation_summary",
 ]
 
 
@@ -289,3 +292,82 @@ def evaluate(
             verdict.rows.append({"text": kind, "n": len(sents), "values": vals})
     verdict.time_s = time.perf_counter() - t0
     return verdict
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generalisation: several held-out kinds of text, and the gap to SparseGPT's
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def domain_windows(
+    tokenizer: Any, texts: Mapping[str, Sequence[str]], num_tokens: int, seq_len: int
+) -> dict[str, Tensor]:
+    """``{domain: (n, seq_len) windows}`` (:func:`eval_windows` per domain); ``texts`` from
+    :func:`sparsekit.data.text.domain_texts`. Tokenise once, evaluate every model on the same windows."""
+    return {name: eval_windows(tokenizer, tx, num_tokens, seq_len) for name, tx in texts.items()}
+
+
+def perplexity_by_domain(
+    model: nn.Module,
+    windows: Mapping[str, Tensor],
+    *,
+    batch_size: int = 4,
+    device: "str | torch.device | None" = None,
+) -> dict[str, float]:
+    """``{domain: perplexity}`` of one causal LM on each domain's windows (:func:`perplexity`)."""
+    return {name: perplexity(model, w, batch_size=batch_size, device=device) for name, w in windows.items()}
+
+
+def generalisation_summary(
+    values: Mapping[str, Mapping[str, float]],
+    dense: Mapping[str, float],
+    *,
+    reference: str = "sparsegpt",
+) -> dict[str, Any]:
+    """Each method's damage relative to the reference method's, per domain and on average (lower is better).
+
+    ``ratio[method][domain] = (v − dense) / (v_reference − dense)``: for perplexity, the share of SparseGPT's
+    increase over the dense model that the method still has (0: as good as dense, 1: as bad as SparseGPT); for
+    an encoder's cosine similarity to the dense embeddings pass ``dense = {domain: 1.0}``, the same formula.
+
+    Args:
+        values: ``{method: {domain: metric}}``, including ``reference``; every method must cover every domain
+            of the reference.
+        dense: ``{domain: metric of the dense model}``.
+
+    Returns:
+        ``{"reference", "domains", "ratio": {method: {domain: r}}, "mean_ratio": {method: mean r},
+        "closes": {method: 1 − mean r}, "wins": {method: number of domains with r < 1}}``.
+
+    Raises:
+        InputError: the reference is missing, a domain lacks a value, or the reference does not change the
+            metric on some domain (the ratio is undefined there).
+    """
+    if reference not in values:
+        raise InputError(f"the reference method {reference!r} is not among {sorted(values)}; add its results.")
+    domains = list(values[reference])
+    if not domains:
+        raise InputError("no domains to summarise.")
+    gaps = {}
+    for d in domains:
+        if d not in dense:
+            raise InputError(f"no dense value for domain {d!r}; evaluate the dense model on it.")
+        gaps[d] = values[reference][d] - dense[d]
+        if not math.isfinite(gaps[d]) or gaps[d] == 0:
+            raise InputError(f"the reference {reference!r} does not change the metric on {d!r} "
+                             f"({values[reference][d]} vs dense {dense[d]}): the gap ratio is undefined there.")
+    ratio: dict[str, dict[str, float]] = {}
+    for method, per in values.items():
+        missing = [d for d in domains if d not in per]
+        if missing:
+            raise InputError(f"method {method!r} has no value for domains {missing}; evaluate it on every domain.")
+        ratio[method] = {d: (per[d] - dense[d]) / gaps[d] for d in domains}
+    mean = {m: sum(r.values()) / len(domains) for m, r in ratio.items()}
+    return {
+        "reference": reference,
+        "domains": domains,
+        "ratio": ratio,
+        "mean_ratio": mean,
+        "closes": {m: 1.0 - v for m, v in mean.items()},
+        "wins": {m: sum(v < 1.0 for v in r.values()) for m, r in ratio.items()},
+    }

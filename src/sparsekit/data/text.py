@@ -17,16 +17,32 @@ Sources (each a list of *documents*, the unit of the calib/held-out split):
 
     read from the Sphinx sources of the Python manuals (``/usr/share/doc/python3.*/html/_sources``) and the
     English Debian Administrator's Handbook (``/usr/share/doc/debian-handbook/html/en-US``, tags stripped).
+``"manpages"``, ``"debref"``, ``"gcide"``, ``"foldoc"``, ``"jargon"``, ``"devil"``, ``"fortunes"``, ``"licenses"``
+    Text of small Debian packages (see :data:`SOURCE_INFO` for the kind of text and the package of each),
+    read at run time and never stored in the project::
+
+        apt-get install -y --no-install-recommends manpages debian-reference-en dict-gcide dict-foldoc \
+            dict-jargon dict-devil fortunes
+
+    (``licenses`` is ``/usr/share/common-licenses`` of ``base-files``, on every Debian system.) Manual pages
+    are converted from troff by :func:`troff_to_text`; dictd dictionaries (``.dict.dz``, gzip-compatible) are
+    read whole after their ``00-database-*`` header entries; fortunes are split at their ``%`` lines.
 ``"mixed"`` (the default)
-    All available sources interleaved so that every prefix holds about as many characters of each source
-    (until the smallest runs out): the calibration text dominates what a pruned model fits (DESIGN.md §7),
-    so the default must be diverse.
+    The calibration recipe :data:`MIXED_RECIPE`: the available sources among ``stdlib``, ``pydoc``, ``docs``,
+    ``manpages``, ``debref``, ``gcide`` interleaved so that every prefix holds characters of each in proportion
+    to its weight (until a source runs out): the calibration text dominates what a pruned model fits
+    (DESIGN.md §7), so the default must be diverse. ``foldoc``, ``jargon``, ``devil``, ``fortunes`` and
+    ``licenses`` are kept out of it: they are the held-out kinds of :func:`heldout_domains`.
 a path
     A ``.txt``/``.md``/``.rst`` file, or a folder searched recursively for them.
 
 Determinism and the split: documents are de-duplicated, then ordered by the SHA-1 of their text (a shuffle
 that does not depend on the file order), and a document is held out iff ``SHA-1(text) mod 10 == 0``. The split
 depends on the document alone, so calibration and held-out sets never overlap, whatever the source mix.
+
+Where the files are: the Debian paths above, under the folder ``$SPARSEKIT_TEXT_ROOT`` (default ``/``), so a
+machine without the packages can read a copy (``benchmarks/copy_texts.sh DEST`` copies exactly the files the
+sources read, with their paths, into ``DEST``; then ``SPARSEKIT_TEXT_ROOT=DEST``).
 """
 
 from __future__ import annotations
@@ -40,23 +56,36 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import sysconfig
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from sparsekit.errors import InputError
+from sparsekit.errors import InputError, MissingTextError
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "SOURCES",
     "SPLITS",
+    "SOURCE_INFO",
+    "MIXED_RECIPE",
+    "SourceInfo",
+    "Domain",
+    "text_root",
     "available_sources",
+    "calibration_sources",
+    "heldout_domains",
+    "domain_texts",
+    "source_files",
+    "text_files",
+    "troff_to_text",
     "load_texts",
     "tokenize_for_calibration",
     "text_fingerprint",
@@ -64,7 +93,8 @@ __all__ = [
 ]
 
 #: named sources; anything else given to :func:`load_texts` is treated as a path
-SOURCES = ("stdlib", "pydoc", "docs", "mixed")
+SOURCES = ("stdlib", "pydoc", "docs", "manpages", "debref", "gcide", "foldoc", "jargon", "devil", "fortunes",
+           "licenses", "mixed")
 #: ``calib`` (9 of 10 documents), ``heldout`` (the other one), ``all``
 SPLITS = ("calib", "heldout", "all")
 #: one document in this many is held out
@@ -77,6 +107,53 @@ CHUNK_CHARS = 2000
 _STDLIB_SKIP = {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "site-packages",
                 "dist-packages", "__pycache__", "pydoc_data", "venv"}
 _TEXT_EXT = (".txt", ".md", ".rst")
+#: environment variable: a folder holding copies of the Debian files, at their paths (default ``/``)
+TEXT_ROOT_ENV = "SPARSEKIT_TEXT_ROOT"
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What a named source holds (``kind``) and the Debian package that provides it (``apt``; None: always)."""
+
+    kind: str
+    apt: str | None
+
+
+SOURCE_INFO: dict[str, SourceInfo] = {
+    "stdlib": SourceInfo("Python standard-library docstrings", None),
+    "pydoc": SourceInfo("Python language reference (pydoc topics)", None),
+    "docs": SourceInfo("Python manuals and the Debian Administrator's Handbook", "python3.11-doc debian-handbook"),
+    "manpages": SourceInfo("Linux manual pages (system calls, file formats, overviews)", "manpages"),
+    "debref": SourceInfo("the Debian Reference (technical manual prose)", "debian-reference-en"),
+    "gcide": SourceInfo("general English dictionary definitions (Webster 1913, GCIDE)", "dict-gcide"),
+    "foldoc": SourceInfo("encyclopedic computing dictionary (FOLDOC)", "dict-foldoc"),
+    "jargon": SourceInfo("hacker slang and folklore (the Jargon File)", "dict-jargon"),
+    "devil": SourceInfo("satirical definitions and verse (Bierce, The Devil's Dictionary)", "dict-devil"),
+    "fortunes": SourceInfo("quotations, jokes, literature and poems (fortune cookies)", "fortunes"),
+    "licenses": SourceInfo("legal text (the common free-software licences)", "base-files"),
+}
+
+#: The default calibration (``"mixed"``): source -> weight, the share of characters of each available source in
+#: every prefix of the mix. ``gcide`` weighs 2: it is the only general-English source (a pruned model must keep
+#: everyday vocabulary); the other kinds weigh 1. Sources not listed here are never calibrated on by default.
+MIXED_RECIPE: dict[str, float] = {"stdlib": 1.0, "pydoc": 1.0, "docs": 1.0, "manpages": 1.0, "debref": 1.0,
+                                  "gcide": 2.0}
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A kind of text to evaluate on: ``load_texts(name, split)``.
+
+    ``in_calibration``: the source is part of the calibration, so only its held-out split (``split="heldout"``)
+    is used; otherwise the whole source (``split="all"``) is held out.
+    """
+
+    name: str
+    kind: str
+    in_calibration: bool
+    split: str
+
+
 #: bump when the document extraction changes (invalidates the on-disk text cache)
 _TEXT_CACHE_VERSION = 1
 
@@ -101,10 +178,25 @@ def text_fingerprint(texts: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def text_root() -> Path:
+    """``$SPARSEKIT_TEXT_ROOT`` or ``/``: the Debian text files are read at their paths under this folder."""
+    return Path(os.environ.get(TEXT_ROOT_ENV) or "/")
+
+
+def _rooted(pattern: str) -> list[str]:
+    """Sorted regular files (not links) matching ``pattern``, a path relative to :func:`text_root`."""
+    return sorted(p for p in glob.glob(str(text_root() / pattern)) if os.path.isfile(p) and not os.path.islink(p))
+
+
 def _chunk(text: str, target: int = CHUNK_CHARS) -> list[str]:
     """Group blank-line separated paragraphs into documents of at least ``target`` characters."""
+    return _group(text.replace("\r\n", "\n").split("\n\n"), target)
+
+
+def _group(pieces: Iterable[str], target: int = CHUNK_CHARS) -> list[str]:
+    """Join consecutive pieces (paragraphs, entries) with blank lines into documents of >= ``target`` chars."""
     out, cur, n = [], [], 0
-    for para in text.replace("\r\n", "\n").split("\n\n"):
+    for para in pieces:
         para = para.strip("\n")
         if not para.strip():
             continue
@@ -230,16 +322,218 @@ def _read_text_file(path: str) -> str:
 
 def _doc_files() -> list[str]:
     """Text-rich Debian documentation, if installed (see the module docstring for the apt step)."""
-    files: list[str] = []
-    for d in sorted(glob.glob("/usr/share/doc/python3*/html/_sources")):
-        files += sorted(glob.glob(os.path.join(d, "**", "*.txt"), recursive=True))
-    files += sorted(glob.glob("/usr/share/doc/debian-handbook/html/en-US/*.html"))
-    return files
+    return (_rooted("usr/share/doc/python3*/html/_sources/**/*.txt")
+            + _rooted("usr/share/doc/debian-handbook/html/en-US/*.html"))
 
 
-@lru_cache(maxsize=1)
-def _debian_docs() -> tuple[str, ...]:
-    return tuple(_finalise(c for p in _doc_files() for c in _chunk(_read_text_file(p))))
+def _man_files() -> list[str]:
+    """The pages of the ``manpages`` package, as its dpkg file list names them (the same set on every machine)."""
+    listing = text_root() / "var/lib/dpkg/info/manpages.list"
+    try:
+        names = listing.read_text(encoding="utf-8").split()
+    except OSError:
+        return []
+    pages = (str(text_root() / n.lstrip("/")) for n in names if re.fullmatch(r"/usr/share/man/man\d/[^/]+\.gz", n))
+    return sorted(p for p in pages if os.path.isfile(p) and not os.path.islink(p))
+
+
+def _dict_files(name: str) -> list[str]:
+    """A dictd dictionary: ``NAME.dict.dz`` and its ``NAME.index`` (both needed)."""
+    files = _rooted(f"usr/share/dictd/{name}.dict.dz") + _rooted(f"usr/share/dictd/{name}.index")
+    return files if len(files) == 2 else []
+
+
+def _fortune_files() -> list[str]:
+    """The English fortune files (no extension; ``ascii-art`` is pictures, not text)."""
+    return [p for p in _rooted("usr/share/games/fortunes/*") if "." not in os.path.basename(p)
+            and os.path.basename(p) != "ascii-art"]
+
+
+def _prose_docs(files: Sequence[str]) -> list[str]:
+    """Plain text, reStructuredText or HTML pages, cut into paragraph chunks."""
+    return [c for p in files for c in _chunk(_read_text_file(p))]
+
+
+def _man_docs(files: Sequence[str]) -> list[str]:
+    docs = []
+    for p in files:
+        with gzip.open(p, "rt", encoding="utf-8", errors="replace") as f:
+            docs += _chunk(troff_to_text(f.read()))
+    return docs
+
+
+_B64 = {c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")}
+
+
+def _dict_number(code: str) -> int:
+    """A dictd index number: base 64, most significant digit first."""
+    n = 0
+    for c in code:
+        n = n * 64 + _B64[c]
+    return n
+
+
+def _dict_docs(files: Sequence[str]) -> list[str]:
+    """The entries of a dictd dictionary without its ``00-database-*`` header entries, in paragraph chunks."""
+    dz, index = files
+    with gzip.open(dz, "rb") as f:  # dictzip is gzip-compatible
+        data = bytearray(f.read())
+    with open(index, encoding="utf-8", errors="replace") as f:
+        headers = [line.split("\t") for line in f if line.startswith("00-database") or line.startswith("00database")]
+    for _, off, length in sorted(((h[0], _dict_number(h[1]), _dict_number(h[2].strip())) for h in headers
+                                  if len(h) == 3), key=lambda h: -h[1]):
+        del data[off:off + length]
+    return _chunk(data.decode("utf-8", errors="replace"))
+
+
+def _fortune_docs(files: Sequence[str]) -> list[str]:
+    """Fortunes (separated by ``%`` lines) grouped into documents, file by file."""
+    docs = []
+    for p in files:
+        text = _read_text_file(p).replace("\r\n", "\n")
+        docs += _group(re.split(r"\n%\n", text))
+    return docs
+
+
+#: file-based sources: name -> (the files it reads, their documents)
+_FILE_SOURCES: dict[str, tuple[Callable[[], list[str]], Callable[[Sequence[str]], list[str]]]] = {
+    "docs": (lambda: _doc_files(), _prose_docs),
+    "manpages": (lambda: _man_files(), _man_docs),
+    "debref": (lambda: [p for p in _rooted("usr/share/debian-reference/*.en.html")
+                        if os.path.basename(p) != "index.en.html"], _prose_docs),
+    "gcide": (lambda: _dict_files("gcide"), _dict_docs),
+    "foldoc": (lambda: _dict_files("foldoc"), _dict_docs),
+    "jargon": (lambda: _dict_files("jargon"), _dict_docs),
+    "devil": (lambda: _dict_files("devil"), _dict_docs),
+    "fortunes": (lambda: _fortune_files(), _fortune_docs),
+    "licenses": (lambda: _rooted("usr/share/common-licenses/*"), _prose_docs),
+}
+
+
+@lru_cache(maxsize=16)
+def _file_docs(files: tuple[str, ...], reader: Callable[[Sequence[str]], list[str]]) -> tuple[str, ...]:
+    return tuple(_finalise(reader(files)))
+
+
+def source_files(name: str) -> list[str]:
+    """The files a named file-based source reads on this machine (empty when its package is missing)."""
+    return _FILE_SOURCES[name][0]()
+
+
+def text_files(sources: Sequence[str] | None = None) -> list[str]:
+    """Paths, relative to :func:`text_root`, of every file the named sources read here (default: all of them),
+    including the ``manpages`` file list: what ``benchmarks/copy_texts.sh`` copies for another machine."""
+    root = text_root()
+    out = []
+    for name in sources if sources is not None else list(_FILE_SOURCES):
+        if name not in _FILE_SOURCES:
+            continue
+        files = source_files(name)
+        if name == "manpages" and files:
+            files = [str(root / "var/lib/dpkg/info/manpages.list"), *files]
+        out += [os.path.relpath(f, root) for f in files]
+    return out
+
+
+def _source_docs(name: str) -> tuple[str, ...]:
+    if name == "stdlib":
+        return _stdlib_docs()
+    if name == "pydoc":
+        return _pydoc_docs()
+    files, reader = _FILE_SOURCES[name]
+    return _file_docs(tuple(files()), reader)
+
+
+# ---- troff (manual pages) -> plain text ---------------------------------------------------------------------
+_TROFF_CHARS = {"em": "\u2014", "en": "\u2013", "aq": "'", "dq": '"', "lq": "\u201c", "rq": "\u201d", "oq": "\u2018",
+                "cq": "\u2019", "bu": "\u2022", "co": "\u00a9", "rg": "\u00ae", "hy": "-", "mi": "-", "pl": "+",
+                "mu": "\u00d7", "de": "\u00b0", "ti": "~", "ha": "^", "rs": "\\", "sl": "/", "ga": "`", "tm": "\u2122",
+                "Tm": "\u2122", "R": "\u00ae", ">=": "\u2265", "<=": "\u2264", "->": "\u2192", "<-": "\u2190"}
+_TROFF_ESCAPE = re.compile(
+    r"""\\(?:\((?P<two>..)|\[(?P<name>[^\]]*)\]"""       # special characters: \(em \[em]
+    r"""|\*(?:\((?P<str2>..)|\[(?P<strn>[^\]]*)\]|(?P<str1>.))"""  # strings: \*(lq \*[R] \*R
+    r"""|[fFn](?:\(..|\[[^\]]*\]|.)"""                 # fonts \fB \f(CW, registers \n(xx
+    r"""|s[-+]?(?:\(\d\d|\[[^\]]*\]|\d)"""             # sizes \s-1 \s0
+    r"""|[hvwlLoDHSxXbCkZNAYmMV]'[^']*'"""            # motions and other escapes with a quoted argument
+    r"""|(?P<ch>.))""",
+    re.S,
+)
+_TROFF_ONE = {"-": "-", "e": "\\", "\\": "\\", " ": " ", "~": " ", "0": " ", ".": ".", "'": "'", "`": "`", "t": " "}
+_TROFF_ALTERNATING = {"BR", "RB", "IR", "RI", "BI", "IB"}
+_TROFF_BREAK = {"PP", "P", "LP", "TP", "TQ", "HP", "IP", "sp", "br", "RS", "RE", "in", "ti", "EX", "EE", "nf", "fi"}
+
+
+def _troff_escape(m: "re.Match[str]") -> str:
+    g = m.groupdict()
+    special = g["two"] or g["name"]
+    if special is not None:
+        return _TROFF_CHARS.get(special, "")
+    string = g["str2"] or g["strn"] or g["str1"]
+    if string is not None:
+        return _TROFF_CHARS.get(string, "")
+    ch = g["ch"]
+    return "" if ch is None else _TROFF_ONE.get(ch, "")
+
+
+def troff_to_text(source: str) -> str:
+    r"""Plain text of a manual page in troff/man macros: paragraphs separated by blank lines.
+
+    Kept: running text, section headings (``.SH``/``.SS``, as their own paragraphs), the text of font macros
+    (``.B``/``.I`` words joined by spaces; ``.BR``-style alternating fonts joined without), ``.IP``/``.TP`` tags,
+    no-fill blocks (``.nf``/``.EX``) with their line breaks. Dropped: comments, macro definitions
+    (``.de``..``..``), tables (``.TS``..``.TE``), every other request, and font/size/motion escapes; named
+    characters become their Unicode character (``\(em`` -> an em dash), unknown ones vanish.
+    """
+    paras: list[str] = []
+    cur: list[str] = []
+    nofill = False
+    skip_until: str | None = None
+
+    def flush() -> None:
+        if cur:
+            paras.append(("\n" if nofill else " ").join(cur))
+            cur.clear()
+
+    for line in source.replace("\r\n", "\n").split("\n"):
+        if skip_until is not None:
+            if line.strip().startswith(skip_until):
+                skip_until = None
+            continue
+        line = re.sub(r'\\".*|\\#.*', "", line)  # comments
+        m = re.match(r"[.'][ \t]*(\S*)[ \t]*(.*)", line)
+        if m is None:
+            if line.strip():
+                cur.append(line if nofill else line.strip())
+            elif not nofill:
+                flush()
+            continue
+        req, rest = m.groups()
+        args = [quoted or word for quoted, word in re.findall(r'"([^"]*)"|(\S+)', rest)]
+        if req in ("de", "de1", "am", "ig"):
+            skip_until = ".."
+        elif req == "TS":
+            skip_until = ".TE"
+        elif req in ("SH", "SS"):
+            flush()
+            if args:
+                paras.append(" ".join(args))
+        elif req in ("B", "I", "SM", "SB") and args:
+            cur.append(" ".join(args))
+        elif req in _TROFF_ALTERNATING:
+            cur.append("".join(args))
+        elif req in _TROFF_BREAK:
+            flush()
+            nofill = {"nf": True, "EX": True, "fi": False, "EE": False}.get(req, nofill)
+            if req == "IP" and args:
+                cur.append(args[0])
+    flush()
+    out = []
+    for p in paras:
+        p = _TROFF_ESCAPE.sub(_troff_escape, p)
+        p = "\n".join(" ".join(x.split()) for x in p.split("\n")).strip()
+        if p:
+            out.append(p)
+    return "\n\n".join(out)
 
 
 def _path_docs(path: Path) -> list[str]:
@@ -258,20 +552,49 @@ def _path_docs(path: Path) -> list[str]:
     return _finalise(docs)
 
 
-_NAMED = {"stdlib": _stdlib_docs, "pydoc": _pydoc_docs, "docs": _debian_docs}
-
-
 def available_sources() -> list[str]:
-    """The named sources with at least one document on this machine (``docs`` needs the apt step)."""
-    return [s for s in ("stdlib", "pydoc") if _NAMED[s]()] + (["docs"] if _doc_files() else [])
+    """The named sources with text on this machine (under :func:`text_root`), in :data:`SOURCES` order."""
+    return [s for s in SOURCES[:-1] if (source_files(s) if s in _FILE_SOURCES else _source_docs(s))]
 
 
-def _interleave(lists: Sequence[Sequence[str]]) -> list[str]:
-    """Merge sources so that every prefix holds about the same number of characters of each.
+def calibration_sources() -> dict[str, float]:
+    """The sources of ``"mixed"`` on this machine with their weights: :data:`MIXED_RECIPE` ∩ available."""
+    avail = set(available_sources())
+    return {s: w for s, w in MIXED_RECIPE.items() if s in avail}
 
-    The next document always comes from the source with the fewest characters emitted so far (ties: the
-    earlier source); a source that runs out simply stops contributing.
+
+def heldout_domains(calibration: str = "mixed", available_only: bool = True) -> list[Domain]:
+    """The kinds of text to evaluate a model calibrated on ``calibration`` with, in :data:`SOURCES` order.
+
+    A named source the calibration used (``"mixed"``: :func:`calibration_sources`) gives its held-out split;
+    every other named source is held out whole. ``available_only``: only the sources present here.
     """
+    used = set(MIXED_RECIPE) if calibration == "mixed" else {calibration}
+    names = available_sources() if available_only else list(SOURCES[:-1])
+    return [Domain(n, SOURCE_INFO[n].kind, n in used, "heldout" if n in used else "all") for n in names]
+
+
+def domain_texts(domains: Sequence[Domain]) -> dict[str, list[str]]:
+    """``{domain name: its documents}`` (:func:`load_texts` with the domain's split)."""
+    return {d.name: load_texts(d.name, d.split) for d in domains}
+
+
+def _missing(source: str) -> MissingTextError:
+    info = SOURCE_INFO[source]
+    return MissingTextError(
+        f"text source {source!r} ({info.kind}) needs the Debian package(s) {info.apt}: apt-get install -y "
+        f"--no-install-recommends {info.apt}; or set {TEXT_ROOT_ENV} to a folder holding a copy of its files "
+        "(benchmarks/copy_texts.sh DEST); or use 'stdlib', 'pydoc', 'mixed', or a path."
+    )
+
+
+def _interleave(lists: Sequence[Sequence[str]], weights: Sequence[float] | None = None) -> list[str]:
+    """Merge sources so that every prefix holds characters of each in proportion to its weight (default 1).
+
+    The next document always comes from the source with the fewest characters emitted so far per unit of
+    weight (ties: the earlier source); a source that runs out simply stops contributing.
+    """
+    w = list(weights) if weights is not None else [1.0] * len(lists)
     pos = [0] * len(lists)
     emitted = [0] * len(lists)
     out = []
@@ -279,7 +602,7 @@ def _interleave(lists: Sequence[Sequence[str]]) -> list[str]:
         live = [i for i, x in enumerate(lists) if pos[i] < len(x)]
         if not live:
             return out
-        i = min(live, key=lambda j: (emitted[j], j))
+        i = min(live, key=lambda j: (emitted[j] / w[j], j))
         doc = lists[i][pos[i]]
         out.append(doc)
         pos[i] += 1
@@ -290,28 +613,27 @@ def load_texts(source: str = "mixed", split: str = "calib") -> list[str]:
     """Documents of an offline text source, one side of a fixed calib / held-out split.
 
     Args:
-        source: ``"stdlib"``, ``"pydoc"``, ``"docs"``, ``"mixed"`` (all available, interleaved), or the path of a
-            ``.txt``/``.md``/``.rst`` file or of a folder of them.
+        source: a named source (:data:`SOURCES`; ``"mixed"``: the :data:`MIXED_RECIPE` of the available ones), or
+            the path of a ``.txt``/``.md``/``.rst`` file or of a folder of them.
         split: ``"calib"`` (9 of 10 documents), ``"heldout"`` (the 10th: ``SHA-1(doc) mod 10 == 0``), ``"all"``.
 
     Returns:
         The documents of that split, in a deterministic order (a new list each call).
 
     Raises:
+        MissingTextError: a named source whose Debian package is missing (the message names it).
         InputError: unknown source or split, missing path, or no text.
     """
     if split not in SPLITS:
         raise InputError(f"split must be one of {SPLITS}, got {split!r}.")
     if source == "mixed":
-        per = [list(_NAMED[s]()) for s in available_sources()]
-        docs = list(dict.fromkeys(_interleave([[d for d in p if _in_split(d, split)] for p in per])))
-    elif source in _NAMED:
-        if source == "docs" and not _doc_files():
-            raise InputError(
-                "text source 'docs' needs Debian documentation: apt-get install --no-install-recommends "
-                "python3.11-doc debian-handbook (or use 'stdlib', 'pydoc', 'mixed', or a path)."
-            )
-        docs = [d for d in _NAMED[source]() if _in_split(d, split)]
+        recipe = calibration_sources()
+        per = [[d for d in _source_docs(s) if _in_split(d, split)] for s in recipe]
+        docs = list(dict.fromkeys(_interleave(per, list(recipe.values()))))
+    elif source in SOURCE_INFO:
+        if source in _FILE_SOURCES and not source_files(source):
+            raise _missing(source)
+        docs = [d for d in _source_docs(source) if _in_split(d, split)]
     else:
         path = Path(source).expanduser()
         if not path.exists():
