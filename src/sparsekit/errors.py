@@ -20,3 +20,7 @@ class InputError(SparsekitError):
 
 class HessianError(SparsekitError):
     """The Hessian is not usable: not symmetric, not PSD, or singular past the damping bound."""
+
+
+class CompactFormatError(SparsekitError):
+    """A compact 2:4 checkpoint is malformed: wrong format or version, shapes, dtypes, positions, or file hash."""
