@@ -152,6 +152,27 @@ def test_compact_size_ratio_bf16(tmp_path):
     assert loaded.model.layers[0].mlp.down_proj.weight_values.dtype == torch.bfloat16
 
 
+def test_export_from_save_pretrained_folder(tmp_path):
+    from sparsekit.compact import export_compact
+
+    model = tiny_llama(dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "dense")
+    report = export_compact(tmp_path / "dense", tmp_path / "compact")
+    assert report["compact_modules"] == 14
+    # the whole file: compact linears at 56.25 %, the rest (embeddings, lm_head, norms) unchanged
+    saved = report["dense_bytes"] - report["compact_bytes"]
+    assert report["src_weights_bytes"] - report["weights_file_bytes"] == pytest.approx(saved, abs=4096)
+    # the reference is the dense folder loaded by transformers (its rotary buffers stay float32, as in ours)
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype="auto")
+    ids = torch.randint(0, 96, (1, 9))
+    with torch.no_grad():
+        ref = dense(ids).logits
+        out = load_compact(tmp_path / "compact")(ids).logits
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+
+
 def test_sparsify_linears_in_place_same_outputs():
     model = tiny_llama()
     ids = torch.randint(0, 96, (1, 7))
@@ -234,9 +255,11 @@ def test_load_refuses_broken_header_without_hash(saved):
         load_compact(saved, verify_hash=False)
 
 
-def test_import_does_not_load_triton_or_init_cuda():
-    code = ("import sys, torch, sparsekit, sparsekit.compact, sparsekit.kernels.sparse24\n"
-            "assert 'triton' not in sys.modules\nassert not torch.cuda.is_initialized()\n")
+def test_import_and_cpu_forward_do_not_load_triton_or_init_cuda():
+    code = ("import sys, torch, sparsekit, sparsekit.compact as c\n"
+            "m = c.Sparse24Linear(16, 4)\nm(torch.randn(2, 16))\n"
+            "assert 'triton' not in sys.modules and 'sparsekit.kernels.sparse24' not in sys.modules\n"
+            "assert not torch.cuda.is_initialized()\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -253,10 +276,11 @@ def _dense_err(x, W):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M,K", ODD_SHAPES)
 def test_kernel_default_configs_vs_reference(M, K, dtype):
-    from sparsekit.kernels.sparse24 import sparse24_linear
+    from sparsekit.kernels.sparse24 import sparse24_linear, unpack
 
     W = random_24(M, K, seed=M).to(dtype).cuda()
     values, meta = pack_24(W)
+    assert torch.equal(unpack(values, meta), W)  # the Triton rebuild (prefill path "rebuild")
     for n in (1, 2, 3, 5, 8, 13, 16):
         x = torch.randn(n, K, device="cuda", dtype=dtype)
         dense_err, ref = _dense_err(x, W)

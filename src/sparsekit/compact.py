@@ -192,7 +192,7 @@ class Sparse24Linear(nn.Module):
             elif self.prefill == "dense" and self._dense_cache is not None:
                 y = F.linear(x2, self._dense_cache, self.bias)
             else:
-                y = F.linear(x2, self.dense_weight(), self.bias)
+                y = F.linear(x2, sparse24.unpack(self.weight_values, self.weight_meta), self.bias)
             return y.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.dense_weight(), self.bias)
 
