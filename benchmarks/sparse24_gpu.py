@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit.compact import Sparse24Linear, pack_24, sparsify_linears_, tune_prefill_
+from sparsekit.compact import Sparse24Linear, pack_24, sparsify_linears_, tune_decode_, tune_prefill_
 from sparsekit.kernels import sparse24
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)]
@@ -236,19 +236,13 @@ def part_decode(res: dict, layers: int, deadline: float) -> None:
     names = sparsify_linears_(model)  # in place: every 2:4 linear -> Sparse24Linear
     comp_bytes = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers()
                                                                  if b.dtype != torch.float32)
-    tuned = {}
-    for mod in model.modules():
-        if isinstance(mod, Sparse24Linear) and (mod.out_features, mod.in_features) not in tuned:
-            if time.time() > deadline:
-                break
-            cfg, _ = sparse24.tune(mod.weight_values, mod.weight_meta, 1, rep_ms=20)
-            tuned[(mod.out_features, mod.in_features)] = str(cfg)
+    tuned = tune_decode_(model, tokens=(1,)) if time.time() < deadline else {}
     t_sp, out_sp = graph_step(model)
     rel = ((out_sp - out_dense).norm() / out_dense.norm()).item()
     res["decode"] = {"layers": layers, "ctx": ctx, "dense_us": t_dense, "compact_us": t_sp,
                      "speedup": t_dense / t_sp, "dense_weight_bytes": dense_bytes,
                      "compact_weight_bytes": comp_bytes, "compact_linears": len(names),
-                     "logits_rel_diff": rel, "tuned": {f"{k[0]}x{k[1]}": v for k, v in tuned.items()}}
+                     "logits_rel_diff": rel, "tuned": tuned}
     say(f"[c] decode step, {layers} layers, ctx {ctx}, CUDA graph: dense {t_dense:.0f} us, compact {t_sp:.0f} us, "
         f"x{t_dense / t_sp:.2f}; weights {dense_bytes / 1e9:.2f} -> {comp_bytes / 1e9:.2f} GB; logits rel diff "
         f"{rel:.2e}")

@@ -50,6 +50,7 @@ __all__ = [
     "save_compact",
     "load_compact",
     "export_compact",
+    "tune_decode_",
     "tune_prefill_",
 ]
 
@@ -420,6 +421,22 @@ def export_compact(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> di
     if not report["compact_modules"]:
         log.warning("no linear of %s is exactly 2:4: the export is the dense model", src)
     return report
+
+
+def tune_decode_(model: nn.Module, tokens: tuple[int, ...] = (1, 4, 16)) -> dict[str, str]:
+    """Autotune the decode kernel (every config checked against the reference, the fastest kept) for each
+    distinct ``Sparse24Linear`` shape of ``model`` (on CUDA) and token count; call before capturing CUDA graphs.
+    Returns ``{"MxK n=T": config}``."""
+    from sparsekit.kernels import sparse24
+
+    done: dict[str, str] = {}
+    for m in model.modules():
+        if isinstance(m, Sparse24Linear):
+            for t in tokens:
+                key = f"{m.out_features}x{m.in_features} n={t}"
+                if key not in done:
+                    done[key] = str(sparse24.tune(m.weight_values, m.weight_meta, t)[0])
+    return done
 
 
 def tune_prefill_(model: nn.Module, tokens: tuple[int, ...] = (512, 2048), tolerance: float = 0.03,
