@@ -14,7 +14,8 @@ c.   One decode step (1 token, KV cache of 512 tokens, CUDA graph) of a Qwen3-4B
      ``Qwen3Config``: d 2560, ffn 9728, 32 q / 8 kv heads of 128, vocab 151936, tied dense lm_head), random bf16
      weights made 2:4: dense nn.Linear vs Sparse24Linear. The decoder step itself is written here (RMSNorm,
      q/k norm, RoPE, GQA SDPA over a static cache, SwiGLU) so that it is capturable in a CUDA graph.
-d.   Prefill 512 / 2048 tokens through ``Sparse24Linear`` (path chosen by ``tune_prefill_``) vs dense, per shape.
+d.   Prefill 512 / 2048 tokens through ``Sparse24Linear`` vs dense, per shape: the path chosen by
+     ``tune_prefill_(allow_dense_cache=True)`` and the ratios of the two compact-only paths (kernel, rebuild).
 
 Writes ``$OUT/sparse24_gpu.log`` and ``$OUT/sparse24_gpu.json`` (``$OUT`` defaults to ./out) and prints a
 short table last.
@@ -143,7 +144,7 @@ class Block(nn.Module):
     def rms(self, x, key):
         return F.rms_norm(x, (x.shape[-1],), self.norms[key], self.eps)
 
-    def forward(self, h, cos, sin, pos, ck, cv, mask):  # h (B, T, d); cos/sin (T, hd); ck/cv (B, nkv, S, hd)
+    def forward(self, h, cos, sin, pos, ck, cv, n_ctx):  # h (B, 1, d); cos/sin (1, hd); ck/cv (B, nkv, S, hd)
         B, T, _ = h.shape
         r = self.rms(h, "in")
         q = self.rms(self.q_proj(r).view(B, T, self.nh, self.hd), "q").transpose(1, 2)  # (B, nh, T, hd)
@@ -157,7 +158,7 @@ class Block(nn.Module):
         q, k = rope(q), rope(k)
         ck.index_copy_(2, pos, k)
         cv.index_copy_(2, pos, v)
-        a = F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask, enable_gqa=True)  # (B, nh, T, hd)
+        a = F.scaled_dot_product_attention(q, ck[:, :, :n_ctx], cv[:, :, :n_ctx], enable_gqa=True)  # (B, nh, 1, hd)
         h = h + self.o_proj(a.transpose(1, 2).reshape(B, T, self.nh * self.hd))
         r = self.rms(h, "post")
         return h + self.down_proj(F.silu(self.gate_proj(r)) * self.up_proj(r))
@@ -175,12 +176,11 @@ class Decoder(nn.Module):
         self.register_buffer("cos", torch.cat((f, f), -1).cos(), persistent=False)  # (S, hd)
         self.register_buffer("sin", torch.cat((f, f), -1).sin(), persistent=False)
 
-    def forward(self, ids, pos, cache):  # ids (B, T), pos (T,) int64 positions, cache: list of (ck, cv)
+    def forward(self, ids, pos, cache, n_ctx):  # one decode step: ids (B, 1), pos (1,) = n_ctx - 1 as a tensor
         h = self.embed(ids)
-        cos, sin = self.cos[pos].to(h.dtype), self.sin[pos].to(h.dtype)  # (T, hd)
-        mask = torch.arange(self.max_len, device=ids.device)[None, :] <= pos[:, None]  # (T, S)
+        cos, sin = self.cos[pos].to(h.dtype), self.sin[pos].to(h.dtype)  # (1, hd)
         for blk, (ck, cv) in zip(self.blocks, cache):
-            h = blk(h, cos, sin, pos, ck, cv, mask)
+            h = blk(h, cos, sin, pos, ck, cv, n_ctx)  # attends to the first n_ctx cache slots (static for the graph)
         h = F.rms_norm(h, (h.shape[-1],), self.norm, self.c.rms_norm_eps)
         return h @ self.embed.weight.T  # tied lm_head, dense (B, T, vocab)
 
@@ -214,11 +214,11 @@ def part_decode(res: dict, layers: int, deadline: float) -> None:
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s), torch.no_grad():
             for _ in range(3):
-                m(ids, pos, cache)
+                m(ids, pos, cache, ctx + 1)
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g), torch.no_grad():
-            out = m(ids, pos, cache)
+            out = m(ids, pos, cache, ctx + 1)
         g.replay()
         torch.cuda.synchronize()
         times = []
@@ -259,7 +259,7 @@ def part_prefill(res: dict, deadline: float) -> None:
         with torch.no_grad():
             lin.weight.copy_(random_24(M, K))
         holder = nn.Sequential(Sparse24Linear.from_linear(lin))
-        choice = tune_prefill_(holder, tokens=tuple(PREFILL))[f"{M}x{K}"]
+        choice = tune_prefill_(holder, tokens=tuple(PREFILL), allow_dense_cache=True)[f"{M}x{K}"]
         mod = holder[0]
         from triton.testing import do_bench
 

@@ -80,7 +80,8 @@ def _decode_configs() -> list[Config]:
     """Gather variant (one token, small row tiles so that even M = 1024 gives ≥ 128 programs without split-K)
     and tensor-core variant (2–16 tokens), each with split-K 1, 2, 4."""
     cfgs = [Config(bm, bk, 1, sk, False, nw, 3)
-            for bm, bk, nw in ((8, 1024, 2), (16, 512, 4), (16, 1024, 4), (32, 256, 4), (32, 512, 8), (64, 256, 8))
+            for bm, bk, nw in ((8, 1024, 2), (8, 2048, 4), (16, 1024, 4), (16, 2048, 8), (32, 512, 4),
+                                (64, 256, 8))
             for sk in (1, 2, 4)]
     cfgs += [Config(bm, bk, 16, sk, True, nw, ns)
              for bm, bk, nw, ns in ((16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 8, 3),
