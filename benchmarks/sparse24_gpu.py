@@ -186,9 +186,12 @@ class Decoder(nn.Module):
 
 
 def part_decode(res: dict, layers: int, deadline: float) -> None:
-    from transformers import Qwen3Config
+    try:
+        from transformers import Qwen3Config
+    except ImportError:  # same fields, for a machine without transformers
+        from types import SimpleNamespace as Qwen3Config
 
-    c = Qwen3Config(hidden_size=2560, intermediate_size=9728, num_hidden_layers=layers, num_attention_heads=32,
+    c = Qwen3Config(rms_norm_eps=1e-6, hidden_size=2560, intermediate_size=9728, num_hidden_layers=layers, num_attention_heads=32,
                     num_key_value_heads=8, head_dim=128, vocab_size=151936,
                     tie_word_embeddings=True)
     max_len, ctx = 1024, 512
