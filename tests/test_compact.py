@@ -18,6 +18,7 @@ from sparsekit.compact import (
     _sha256,
     check_packed_24,
     is_24,
+    is_compact_dir,
     load_compact,
     pack_24,
     save_compact,
@@ -129,7 +130,9 @@ def test_save_load_round_trip_bit_exact(tmp_path, tie):
     ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(ids).logits
+    assert not is_compact_dir(tmp_path)
     report = save_compact(model, tmp_path)
+    assert is_compact_dir(tmp_path)
     assert report["compact_modules"] == 2 * 7  # q k v o gate up down per layer
     loaded = load_compact(tmp_path)
     kinds = {type(m).__name__ for n, m in loaded.named_modules() if n.endswith(("q_proj", "down_proj"))}

@@ -43,6 +43,7 @@ __all__ = [
     "FORMAT_VERSION",
     "Sparse24Linear",
     "is_24",
+    "is_compact_dir",
     "pack_24",
     "unpack_24",
     "check_packed_24",
@@ -300,6 +301,11 @@ def save_compact(model: nn.Module, out_dir: str | os.PathLike) -> dict[str, Any]
     log.info("saved %d compact linears to %s (%.1f%% of their dense bytes)", len(modules), out,
              100 * (report["ratio"] or 0))
     return report
+
+
+def is_compact_dir(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a folder holding a compact checkpoint (for loaders that accept either kind)."""
+    return (Path(path) / CONFIG_FILE).is_file()
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
