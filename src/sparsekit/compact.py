@@ -429,9 +429,10 @@ def export_compact(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> di
     return report
 
 
-def tune_decode_(model: nn.Module, tokens: tuple[int, ...] = (1, 4, 16)) -> dict[str, str]:
+def tune_decode_(model: nn.Module, tokens: tuple[int, ...] = (1, 2, 4, 8, 16)) -> dict[str, str]:
     """Autotune the decode kernel (every config checked against the reference, the fastest kept) for each
-    distinct ``Sparse24Linear`` shape of ``model`` (on CUDA) and token count; call before capturing CUDA graphs.
+    distinct ``Sparse24Linear`` shape of ``model`` (on CUDA) and token count (a count serves its power-of-2
+    bucket: 4 serves 3 and 4); call before capturing CUDA graphs.
     Returns ``{"MxK n=T": config}``."""
     from sparsekit.kernels import sparse24
 

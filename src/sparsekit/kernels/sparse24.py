@@ -205,7 +205,6 @@ if triton is not None:
             tl.atomic_add(ptrs, out, mask=omask)
 
 
-
 def _check(x: Tensor, values: Tensor, meta: Tensor) -> None:
     if x.dim() != 2 or x.shape[1] != 2 * values.shape[1] or x.dtype != values.dtype:
         raise InputError(f"x must be (N, {2 * values.shape[1]}) {values.dtype}, got {tuple(x.shape)} {x.dtype}.")
