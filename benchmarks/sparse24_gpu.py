@@ -13,7 +13,8 @@ a/b. Llama-3-8B shapes (out × in) 4096×4096, 14336×4096, 4096×14336, 1024×4
 c.   One decode step (1 token, KV cache of 512 tokens, CUDA graph) of a Qwen3-4B-shaped decoder (transformers
      ``Qwen3Config``: d 2560, ffn 9728, 32 q / 8 kv heads of 128, vocab 151936, tied dense lm_head), random bf16
      weights made 2:4: dense nn.Linear vs Sparse24Linear. The decoder step itself is written here (RMSNorm,
-     q/k norm, RoPE, GQA SDPA over a static cache, SwiGLU) so that it is capturable in a CUDA graph.
+     q/k norm, RoPE, GQA SDPA over a static cache, SwiGLU; q/k/v and gate/up fused along their outputs as
+     serving engines do) so that it is capturable in a CUDA graph.
 d.   Prefill 512 / 2048 tokens through ``Sparse24Linear`` vs dense, per shape: the path chosen by
      ``tune_prefill_(allow_dense_cache=True)`` and the ratios of the two compact-only paths (kernel, rebuild).
 
@@ -131,12 +132,10 @@ class Block(nn.Module):
         super().__init__()
         d, hd = c.hidden_size, c.head_dim
         self.nh, self.nkv, self.hd, self.eps = c.num_attention_heads, c.num_key_value_heads, hd, c.rms_norm_eps
-        self.q_proj = nn.Linear(d, self.nh * hd, bias=False)
-        self.k_proj = nn.Linear(d, self.nkv * hd, bias=False)
-        self.v_proj = nn.Linear(d, self.nkv * hd, bias=False)
+        # q, k, v and gate, up fused along their outputs (as serving engines do; rows keep their 2:4 groups)
+        self.qkv_proj = nn.Linear(d, (self.nh + 2 * self.nkv) * hd, bias=False)
         self.o_proj = nn.Linear(self.nh * hd, d, bias=False)
-        self.gate_proj = nn.Linear(d, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(d, c.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(d, 2 * c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, d, bias=False)
         self.norms = nn.ParameterDict({k: nn.Parameter(torch.ones(n)) for k, n in
                                        (("in", d), ("post", d), ("q", hd), ("k", hd))})
@@ -147,9 +146,11 @@ class Block(nn.Module):
     def forward(self, h, cos, sin, pos, ck, cv, n_ctx):  # h (B, 1, d); cos/sin (1, hd); ck/cv (B, nkv, S, hd)
         B, T, _ = h.shape
         r = self.rms(h, "in")
-        q = self.rms(self.q_proj(r).view(B, T, self.nh, self.hd), "q").transpose(1, 2)  # (B, nh, T, hd)
-        k = self.rms(self.k_proj(r).view(B, T, self.nkv, self.hd), "k").transpose(1, 2)
-        v = self.v_proj(r).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        q, k, v = self.qkv_proj(r).view(B, T, self.nh + 2 * self.nkv, self.hd).split(
+            [self.nh, self.nkv, self.nkv], dim=2)  # (B, T, heads, hd) each
+        q = self.rms(q, "q").transpose(1, 2)  # (B, nh, T, hd)
+        k = self.rms(k, "k").transpose(1, 2)
+        v = v.transpose(1, 2)
 
         def rope(t):
             t1, t2 = t.chunk(2, dim=-1)
@@ -161,7 +162,8 @@ class Block(nn.Module):
         a = F.scaled_dot_product_attention(q, ck[:, :, :n_ctx], cv[:, :, :n_ctx], enable_gqa=True)  # (B, nh, 1, hd)
         h = h + self.o_proj(a.transpose(1, 2).reshape(B, T, self.nh * self.hd))
         r = self.rms(h, "post")
-        return h + self.down_proj(F.silu(self.gate_proj(r)) * self.up_proj(r))
+        gate, up = self.gate_up_proj(r).chunk(2, dim=-1)
+        return h + self.down_proj(F.silu(gate) * up)
 
 
 class Decoder(nn.Module):
