@@ -8,9 +8,6 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from sparsekit.compact import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -56,17 +53,6 @@ def test_pack_unpack_every_group_mask_exhaustive():
     assert values.shape == (3, K // 2) and meta.shape == (3, K // 8) and meta.dtype == torch.uint8
     assert torch.equal(unpack_24(values, meta), W)
     check_packed_24(values, meta, 3, K)
-
-
-@settings(max_examples=25, deadline=None)
-@given(M=st.integers(1, 6), groups=st.integers(1, 6), seed=st.integers(0, 2**31 - 1),
-       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
-def test_pack_unpack_identity(M, groups, seed, dtype):
-    W = random_24(M, 8 * groups, dtype, seed)
-    values, meta = pack_24(W)
-    assert values.dtype == dtype
-    assert torch.equal(unpack_24(values, meta), W)
-    check_packed_24(values, meta, M, 8 * groups)
 
 
 def test_pack_known_layout():
