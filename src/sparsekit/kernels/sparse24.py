@@ -16,7 +16,9 @@ vector loads: 56.25 % of the dense bytes), splits each byte into its two nibbles
   per kept value, ``x[4g + i]`` with two selects, then one fused multiply-add in float32 — a gather from
   registers, no tensor cores, no padding of the token dimension to 16.
 
-With ``SPLIT_K > 1`` the programs add float32 partial sums atomically (the bias once, by slice 0) and the wrapper
+A third variant, ``pairs`` (:func:`_sparse24_pairs_kernel`, 1–16 tokens on CUDA cores), reads the values as
+int64 words aligned with the position bytes (one word and one byte = eight columns) and ``x`` likewise, all in
+one register layout, and prefetches the next tile. With ``SPLIT_K > 1`` the programs add float32 partial sums atomically (the bias once, by slice 0) and the wrapper
 casts; this fills the 132 SMs of an H200 when ``M / BLOCK_M`` is small. :func:`tune` times a list of
 :class:`Config` on the device and keeps the fastest per ``(M, K, token bucket, dtype)``; :func:`choose_prefill`
 decides between the kernel and cuBLAS on the rebuilt dense weight for prefill-sized inputs.
@@ -254,12 +256,16 @@ if triton is not None:
         return tl.where(i == 3, x3, tl.where(i == 2, x2, x1))
 
     @triton.jit
-    def _load_pairs(V, P, rows, rmask, k0, k_end, stride_v, stride_p, H: tl.constexpr):
-        """Words ``(BM, H) int64`` and position bytes ``(BM, H) int32`` of columns ``k0 .. k0 + 8H`` (< k_end)."""
+    def _load_pairs(V, P, rows, rmask, k0, k_end, K, stride_v, stride_p, H: tl.constexpr):
+        """Words ``(BM, 1, H) int64`` and position bytes ``(BM, 1, H) int32`` of columns ``k0 .. k0 + 8H`` if
+        ``k0 < k_end`` (else zeros, no traffic). Born 3-D, in the layout of the ``(BM, BN, H)`` products (no
+        layout conversion through shared memory); the slice test is a scalar choice of the bound (K/8 or 0), so the
+        mask stays constant over runs of columns and the loads stay 16-byte vectors."""
         hh = k0 // 8 + tl.arange(0, H)  # (H,)
-        m2 = rmask[:, None] & (hh < k_end // 8)[None, :]  # (BM, H)
-        w = tl.load(V + rows[:, None] * stride_v + hh[None, :], mask=m2, other=0)
-        b = tl.load(P + rows[:, None] * stride_p + hh[None, :], mask=m2, other=0).to(tl.int32)
+        h_stop = tl.where(k0 < k_end, K // 8, 0)  # scalar: past the slice, nothing is loaded
+        m3 = rmask[:, None, None] & (hh < h_stop)[None, None, :]  # (BM, 1, H)
+        w = tl.load(V + rows[:, None, None] * stride_v + hh[None, None, :], mask=m3, other=0)
+        b = tl.load(P + rows[:, None, None] * stride_p + hh[None, None, :], mask=m3, other=0).to(tl.int32)
         return w, b
 
     @triton.jit(do_not_specialize=["N"])
@@ -274,7 +280,7 @@ if triton is not None:
         ``(BN, H)``; each kept value picks its ``x`` per token with two selects whose predicates are computed once
         per weight, then one FMA per token: every weight byte is loaded once for the ``BLOCK_N`` tokens."""
         H: tl.constexpr = BLOCK_K // 8  # pairs of groups (= position bytes = int64 words) per tile row
-        DT: tl.constexpr = X.dtype.element_ty
+        DT: tl.constexpr = Bias.dtype.element_ty  # x's 16-bit dtype (Bias is x itself when there is no bias)
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_n = tl.program_id(2)
@@ -286,42 +292,44 @@ if triton is not None:
         k_begin = pid_k * k_chunk
         k_end = tl.minimum(k_begin + k_chunk, K)
         acc = tl.zeros((BLOCK_M, BLOCK_N, H), dtype=tl.float32)
-        w_nx, b_nx = _load_pairs(V, P, rows, rmask, k_begin, k_end, stride_v, stride_p, H)
+        w_nx, b_nx = _load_pairs(V, P, rows, rmask, k_begin, k_end, K, stride_v, stride_p, H)
         for k0 in range(k_begin, k_end, BLOCK_K):
-            w, b = w_nx, b_nx  # (BM, H) int64 values, int32 position bytes
+            w, b = w_nx, b_nx  # (BM, 1, H) int64 values, int32 position bytes
             # the next tile's loads are issued before this tile's arithmetic: two tiles of bytes in flight
-            w_nx, b_nx = _load_pairs(V, P, rows, rmask, k0 + BLOCK_K, k_end, stride_v, stride_p, H)
+            w_nx, b_nx = _load_pairs(V, P, rows, rmask, k0 + BLOCK_K, k_end, K, stride_v, stride_p, H)
             hh = k0 // 8 + tl.arange(0, H)  # (H,) global pair index
-            hmask = hh < k_end // 8
+            hmask = hh < K // 8  # a tile never straddles two K slices (k_chunk is a multiple of BLOCK_K)
             wl = w.to(tl.int32)  # even group: values of columns 8h .. 8h+3
             wh = (w >> 32).to(tl.int32)  # odd group: columns 8h+4 .. 8h+7
-            xp = X + toks[None, :, None] * stride_x + 8 * hh[None, None, :]  # (1, BN, H)
-            xm = nmask[None, :, None] & hmask[None, None, :]
-            x0 = tl.load(xp, mask=xm, other=0.0).to(tl.float32)
-            x1 = tl.load(xp + 1, mask=xm, other=0.0).to(tl.float32)
-            x2 = tl.load(xp + 2, mask=xm, other=0.0).to(tl.float32)
-            x3 = tl.load(xp + 3, mask=xm, other=0.0).to(tl.float32)
-            x4 = tl.load(xp + 4, mask=xm, other=0.0).to(tl.float32)
-            x5 = tl.load(xp + 5, mask=xm, other=0.0).to(tl.float32)
-            x6 = tl.load(xp + 6, mask=xm, other=0.0).to(tl.float32)
-            x7 = tl.load(xp + 7, mask=xm, other=0.0).to(tl.float32)
-            acc += _half(wl, False, DT)[:, None, :] * _pick((b & 3)[:, None, :], x0, x1, x2, x3, True)
-            acc += _half(wl, True, DT)[:, None, :] * _pick(((b >> 2) & 3)[:, None, :], x0, x1, x2, x3, False)
-            acc += _half(wh, False, DT)[:, None, :] * _pick(((b >> 4) & 3)[:, None, :], x4, x5, x6, x7, True)
-            acc += _half(wh, True, DT)[:, None, :] * _pick((b >> 6)[:, None, :], x4, x5, x6, x7, False)
+            # x columns 8h .. 8h+7 as two int64 words per (row, token, h): same shape, hence same register layout,
+            # as the weights (the row axis only repeats addresses, served by L1), so nothing is converted
+            xp = X + toks[None, :, None] * stride_x + 2 * hh[None, None, :] + 0 * rows[:, None, None]  # (BM, BN, H)
+            xm = nmask[None, :, None] & hmask[None, None, :] & rmask[:, None, None]
+            xa = tl.load(xp, mask=xm, other=0)  # int64: x[8h .. 8h+3]
+            xb = tl.load(xp + 1, mask=xm, other=0)  # x[8h+4 .. 8h+7]
+            x0, x1 = _half(xa.to(tl.int32), False, DT), _half(xa.to(tl.int32), True, DT)
+            x2, x3 = _half((xa >> 32).to(tl.int32), False, DT), _half((xa >> 32).to(tl.int32), True, DT)
+            x4, x5 = _half(xb.to(tl.int32), False, DT), _half(xb.to(tl.int32), True, DT)
+            x6, x7 = _half((xb >> 32).to(tl.int32), False, DT), _half((xb >> 32).to(tl.int32), True, DT)
+            acc += _half(wl, False, DT) * _pick(b & 3, x0, x1, x2, x3, True)
+            acc += _half(wl, True, DT) * _pick((b >> 2) & 3, x0, x1, x2, x3, False)
+            acc += _half(wh, False, DT) * _pick((b >> 4) & 3, x4, x5, x6, x7, True)
+            acc += _half(wh, True, DT) * _pick(b >> 6, x4, x5, x6, x7, False)
         _epilogue(Y, Bias, tl.sum(acc, axis=2), rows, rmask, toks, nmask, pid_k, stride_y, SPLIT_K, HAS_BIAS)
 
 
-def _check(x: Tensor, values: Tensor, meta: Tensor) -> None:
+def _check(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -> None:
     if x.dim() != 2 or x.shape[1] != 2 * values.shape[1] or x.dtype != values.dtype:
         raise InputError(f"x must be (N, {2 * values.shape[1]}) {values.dtype}, got {tuple(x.shape)} {x.dtype}.")
+    if bias is not None and bias.dtype != x.dtype:
+        raise InputError(f"bias must be {x.dtype} like x, got {bias.dtype}.")
     if values.dtype not in (torch.float16, torch.bfloat16) or x.shape[1] % 8:
         raise InputError("the sparse24 kernel needs float16/bfloat16 values and K % 8 == 0; use the reference.")
 
 
 def launch(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None, cfg: Config) -> Tensor:
     """Run the kernel with ``cfg``: ``x (N, K)``, ``values (M, K/2)``, ``meta (M, K/8)`` -> ``y (N, M)``."""
-    _check(x, values, meta)
+    _check(x, values, meta, bias)
     if cfg.expand and not cfg.use_dot:
         raise InputError("expand=True rebuilds the tile for tl.dot: it needs use_dot=True.")
     if not cfg.use_dot and not cfg.pairs and cfg.block_n != 1:
@@ -337,8 +345,9 @@ def launch(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None, cfg: Co
                   HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.pairs:
         v64 = values.view(torch.int64)  # (M, K/8): the 4 kept values of 8 columns per word
+        x64 = (x if x.data_ptr() % 8 == 0 else x.clone()).view(torch.int64)  # (N, K/4): 4 columns per word
         _sparse24_pairs_kernel[grid](
-            x, v64, meta, bias if bias is not None else x, y, M, K, N, x.stride(0), v64.stride(0), meta.stride(0),
+            x64, v64, meta, bias if bias is not None else x, y, M, K, N, x64.stride(0), v64.stride(0), meta.stride(0),
             y.stride(0), **common,
         )
     else:
