@@ -176,6 +176,17 @@ if triton is not None:
         kk = k0 + tl.arange(0, BLOCK_K)
         tl.store(D + rows[:, None] * stride_d + kk[None, :], wd, mask=rmask[:, None] & (kk < K)[None, :])
 
+    @triton.jit
+    def _program_tile(M, K, N, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                      SPLIT_K: tl.constexpr):
+        """This program's rows ``(BM,)`` and tokens ``(BN,)`` with their masks, and its K slice ``[k_begin,
+        k_end)``: grid ``(row tiles, SPLIT_K, token tiles)``, slices a whole number of ``BLOCK_K`` tiles."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+        toks = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+        k_chunk = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+        k_begin = tl.program_id(1) * k_chunk
+        return rows, rows < M, toks, toks < N, k_begin, tl.minimum(k_begin + k_chunk, K)
+
     @triton.jit(do_not_specialize=["N"])  # one binary for every token count
     def _sparse24_kernel(
         X, V, P, Bias, Y, M, K, N, stride_x, stride_v, stride_p, stride_y,
@@ -183,16 +194,7 @@ if triton is not None:
         USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, EXPAND: tl.constexpr,
     ):
         G: tl.constexpr = BLOCK_K // 4
-        pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        pid_n = tl.program_id(2)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
-        rmask = rows < M
-        toks = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
-        nmask = toks < N
-        k_chunk = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-        k_begin = pid_k * k_chunk
-        k_end = tl.minimum(k_begin + k_chunk, K)
+        rows, rmask, toks, nmask, k_begin, k_end = _program_tile(M, K, N, BLOCK_M, BLOCK_K, BLOCK_N, SPLIT_K)
         if USE_DOT:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         else:
@@ -211,7 +213,7 @@ if triton is not None:
                              other=0.0)  # (BK, BN)
                 acc = tl.dot(wd, xt, acc)
             else:
-                xr = tl.load(X + pid_n * stride_x + kk, mask=kk < K, other=0.0).to(tl.float32)  # (BK,)
+                xr = tl.load(X + tl.program_id(2) * stride_x + kk, mask=kk < K, other=0.0).to(tl.float32)  # (BK,)
                 xa, xb = tl.split(tl.reshape(xr, (G, 2, 2)))  # xa[g, t] = x[4g + 2t], xb[g, t] = x[4g + 2t + 1]
                 x0, x2 = tl.split(xa)  # (G,) each
                 x1, x3 = tl.split(xb)
@@ -224,15 +226,15 @@ if triton is not None:
             out = acc  # (BM, BN)
         else:
             out = tl.sum(acc, axis=1)[:, None]  # (BM, 1): BLOCK_N == 1
-        _epilogue(Y, Bias, out, rows, rmask, toks, nmask, pid_k, stride_y, SPLIT_K, HAS_BIAS)
+        _epilogue(Y, Bias, out, rows, rmask, toks, nmask, stride_y, SPLIT_K, HAS_BIAS)
 
     @triton.jit
-    def _epilogue(Y, Bias, out, rows, rmask, toks, nmask, pid_k, stride_y, SPLIT_K: tl.constexpr,
+    def _epilogue(Y, Bias, out, rows, rmask, toks, nmask, stride_y, SPLIT_K: tl.constexpr,
                   HAS_BIAS: tl.constexpr):
         """Add the bias (slice 0 only) to ``out (BM, BN)`` float32 and store it (``SPLIT_K == 1``) or add it
         atomically to the float32 output."""
         if HAS_BIAS:
-            b = tl.load(Bias + rows, mask=rmask, other=0.0).to(tl.float32) * (pid_k == 0).to(tl.float32)  # (BM,)
+            b = tl.load(Bias + rows, mask=rmask, other=0.0).to(tl.float32) * (tl.program_id(1) == 0).to(tl.float32)  # (BM,)
             out += b[:, None]
         ptrs = Y + toks[None, :] * stride_y + rows[:, None]  # (BM, BN)
         omask = rmask[:, None] & nmask[None, :]
@@ -276,21 +278,12 @@ if triton is not None:
     ):
         """CUDA-core variant for 1–16 tokens, laid out by *pairs of groups*: ``V`` is the values read as int64
         (one word = the 4 kept values of columns ``8h .. 8h+7``), so word ``h`` and position byte ``h`` share one
-        index and one register layout (no join, no reshape). ``x`` columns ``8h + j`` are loaded as 8 vectors
-        ``(BN, H)``; each kept value picks its ``x`` per token with two selects whose predicates are computed once
+        index and one register layout (no join, no reshape). ``x`` columns ``8h .. 8h+7`` are two int64 words
+        per ``(row, token, h)``, in the same layout; each kept value picks its ``x`` per token with two selects whose predicates are computed once
         per weight, then one FMA per token: every weight byte is loaded once for the ``BLOCK_N`` tokens."""
         H: tl.constexpr = BLOCK_K // 8  # pairs of groups (= position bytes = int64 words) per tile row
         DT: tl.constexpr = Bias.dtype.element_ty  # x's 16-bit dtype (Bias is x itself when there is no bias)
-        pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        pid_n = tl.program_id(2)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
-        rmask = rows < M
-        toks = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
-        nmask = toks < N
-        k_chunk = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-        k_begin = pid_k * k_chunk
-        k_end = tl.minimum(k_begin + k_chunk, K)
+        rows, rmask, toks, nmask, k_begin, k_end = _program_tile(M, K, N, BLOCK_M, BLOCK_K, BLOCK_N, SPLIT_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N, H), dtype=tl.float32)
         w_nx, b_nx = _load_pairs(V, P, rows, rmask, k_begin, k_end, K, stride_v, stride_p, H)
         for k0 in range(k_begin, k_end, BLOCK_K):
@@ -315,7 +308,7 @@ if triton is not None:
             acc += _half(wl, True, DT) * _pick((b >> 2) & 3, x0, x1, x2, x3, False)
             acc += _half(wh, False, DT) * _pick((b >> 4) & 3, x4, x5, x6, x7, True)
             acc += _half(wh, True, DT) * _pick(b >> 6, x4, x5, x6, x7, False)
-        _epilogue(Y, Bias, tl.sum(acc, axis=2), rows, rmask, toks, nmask, pid_k, stride_y, SPLIT_K, HAS_BIAS)
+        _epilogue(Y, Bias, tl.sum(acc, axis=2), rows, rmask, toks, nmask, stride_y, SPLIT_K, HAS_BIAS)
 
 
 def _check(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -> None:
