@@ -4,7 +4,15 @@ Importing sparsekit never initialises CUDA.
 """
 
 from sparsekit.api import PruneResult, prune_weight
-from sparsekit.errors import HessianError, InputError, PatternError, ResourceError, SparsekitError
+from sparsekit.compact import Sparse24Linear, load_compact, save_compact
+from sparsekit.errors import (
+    CompactFormatError,
+    HessianError,
+    InputError,
+    PatternError,
+    ResourceError,
+    SparsekitError,
+)
 from sparsekit.hessian import HessianAccumulator
 from sparsekit.metrics import relative_error
 from sparsekit.patterns import PRESETS, BlockSpec, Pattern, ScopeSpec, check_mask, get_pattern
@@ -35,4 +43,8 @@ __all__ = [
     "InputError",
     "HessianError",
     "ResourceError",
+    "CompactFormatError",
+    "save_compact",
+    "load_compact",
+    "Sparse24Linear",
 ]

@@ -36,3 +36,7 @@ class ResourceError(SparsekitError):
 
 class MissingTextError(InputError):
     """A named text source is not on this machine; the message names the Debian package that provides it."""
+
+
+class CompactFormatError(SparsekitError):
+    """A compact 2:4 checkpoint is malformed: wrong format or version, shapes, dtypes, positions, or file hash."""

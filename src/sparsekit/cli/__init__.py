@@ -1,6 +1,6 @@
-"""``sparsekit`` command line: ``prune``, ``eval``, ``bench``, ``env``.
+"""``sparsekit`` command line: ``prune``, ``eval``, ``export``, ``bench``, ``env``.
 
-One module per subcommand (``cli/prune.py``, ``cli/eval.py``, ``cli/bench.py``), each with ``add_cli(subparsers)``,
+One module per subcommand (``cli/prune.py``, ``cli/eval.py``, ``cli/export.py``, ``cli/bench.py``), each with ``add_cli(subparsers)``,
 registered in one place (:data:`COMMANDS`); ``env`` is here. Argument parsing, progress bars (tqdm) and printing
 happen in this package only: ``sparsekit.pipeline``, ``sparsekit.bench`` and ``sparsekit.evaluate`` are libraries.
 """
@@ -15,7 +15,7 @@ import platform
 import sys
 
 #: modules that register subcommands (each defines ``add_cli(subparsers)``), in the order ``--help`` lists them
-COMMANDS = ("sparsekit.cli.prune", "sparsekit.cli.eval", "sparsekit.cli.bench")
+COMMANDS = ("sparsekit.cli.prune", "sparsekit.cli.eval", "sparsekit.cli.export", "sparsekit.cli.bench")
 
 
 def _env(args: argparse.Namespace) -> int:

@@ -175,6 +175,10 @@ def load_model(name_or_path: str, cache_dir: Path | str | None = "default") -> t
     if not (path / "config.json").is_file():
         raise InputError(f"{path} is not a Hugging Face model folder (no config.json).")
     tf = _transformers()
+    from sparsekit.compact import is_compact_dir, load_compact
+
+    if is_compact_dir(path):  # `sparsekit export --format compact`: 2:4 linears as Sparse24Linear
+        return _finish(load_compact(path)), tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     config = json.loads((path / "config.json").read_text())
     causal = any(a.endswith("ForCausalLM") for a in config.get("architectures") or [])
     auto = tf.AutoModelForCausalLM if causal else tf.AutoModel
