@@ -36,3 +36,8 @@ class ResourceError(SparsekitError):
 
 class MissingTextError(InputError):
     """A named text source is not on this machine; the message names the Debian package that provides it."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint file is missing, truncated, corrupted or out of place, or was made by another job; the
+    message names the file and the fix (delete it and resume from the block before, or restart)."""
