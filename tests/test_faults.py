@@ -640,3 +640,12 @@ def test_gguf_flagged_model_saves_and_reloads(tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert getattr(loaded, "hf_quantizer", None) is None
     assert _same(loaded.state_dict(), model.state_dict())
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"device": "bogus"}, "not a device name"), ({"device": "cuda:99"}, "does not exist here"),
+    ({"damp": float("nan")}, "damp must be a finite number"), ({"damp": "0.01"}, "damp must be a finite number"),
+])
+def test_bad_config_fails_when_built(kw, match):
+    with pytest.raises(InputError, match=match):
+        PruneConfig(method="sparsegpt", **kw)

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from sparsekit.hessian import DEFAULT_DAMP
+from sparsekit.hessian import DEFAULT_DAMP, as_device, check_damp
 from sparsekit.errors import InputError
 from sparsekit.parallel import parse_devices
 from sparsekit.patterns import Pattern
@@ -123,6 +123,9 @@ class PruneConfig:
         if self.max_blocks is not None and (isinstance(self.max_blocks, bool) or not isinstance(self.max_blocks, int)
                                             or self.max_blocks < 1):
             raise InputError(f"max_blocks must be an int >= 1 or None (every block), got {self.max_blocks!r}.")
+        check_damp(self.damp, self.damp_mode)  # before any work, not at the first layer
+        if self.device is not None:
+            as_device(self.device, "device")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form; excludes where it runs (device, batch size, offload), which does not change the result."""
