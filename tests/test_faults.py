@@ -411,14 +411,14 @@ def test_resume_under_another_custom_pattern_is_refused(tmp_path):
     nm = lambda n, m: Pattern(ScopeSpec(BlockSpec((1, 1)), (1, m)), n)  # noqa: E731
     ids, ck = calib(6, 16), tmp_path / "ck"
     with pytest.raises(Abort):
-        prune_model_(tiny_model("llama", 3), PruneConfig(pattern=nm(2, 4), method="sparsegpt"), ids,
+        prune_model_(tiny_model("llama", 3), PruneConfig(pattern=nm(2, 4), method="wanda"), ids,
                      _abort_at("block_done", 0), checkpoint_dir=ck)
     model = tiny_model("llama", 3)
     before = _state(model)
     with pytest.raises(CheckpointError, match="another model, config or calibration"):
-        prune_model_(model, PruneConfig(pattern=nm(2, 8), method="sparsegpt"), ids, checkpoint_dir=ck, resume=True)
+        prune_model_(model, PruneConfig(pattern=nm(2, 8), method="wanda"), ids, checkpoint_dir=ck, resume=True)
     assert _same(model.state_dict(), before)
-    r = prune_model_(model, PruneConfig(pattern=nm(2, 4), method="sparsegpt"), ids, checkpoint_dir=ck, resume=True)
+    r = prune_model_(model, PruneConfig(pattern=nm(2, 4), method="wanda"), ids, checkpoint_dir=ck, resume=True)
     assert r.resumed_blocks == 1
 
 
@@ -503,7 +503,7 @@ def test_kill_corrupt_resume_fuzz(seed, reference, tmp_path):
     model = tiny_model("llama", 3)  # a new process: the dense model again
     before = _state(model)
     if must_fail:
-        with pytest.raises(CheckpointError, match=r"(\.pt|progress\.json).*restart the job without resume"):
+        with pytest.raises(CheckpointError, match=r"(\.pt|progress\.json).*delete the checkpoint folder and run the job again"):
             prune_model_(model, JOB, ids, checkpoint_dir=ck, resume=True)
         assert _same(model.state_dict(), before)  # nothing was loaded into the model
         return
@@ -593,8 +593,10 @@ def test_cli_bert_sequence_longer_than_its_positions(tmp_path, capsys):
     pytest.importorskip("tokenizers")
     from sparsekit.cli import main
 
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"w{i % 90}" for i in range(400)))
     rc = main(["prune", "--model", str(_saved_tiny(tmp_path, "bert")), "--seq-len", "100", "--tokens", "200",
-               "--out", str(tmp_path / "o"), "--no-eval"])
+               "--calib", str(text), "--out", str(tmp_path / "o"), "--no-eval"])
     assert rc == 2 and "--seq-len 64" in capsys.readouterr().err
 
 

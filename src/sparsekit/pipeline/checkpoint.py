@@ -5,7 +5,7 @@ Integrity (issue 15): the SHA-256 of every file is recorded in ``progress.json``
 checked when it is loaded; a missing, truncated, corrupted or misplaced file, or an empty or invalid
 ``progress.json``, is a :class:`~sparsekit.errors.CheckpointError` that names the file and the fix. Only the last
 block's activations are kept, so a checkpoint with a bad file cannot be continued from an earlier block: the fix
-is to restart (run without ``resume``, which discards it). The model is left untouched until every file a resume
+is to delete the checkpoint folder and run the job again. The model is left untouched until every file a resume
 needs has been verified.
 """
 
@@ -39,7 +39,7 @@ PROGRESS_FILE = "progress.json"
 CHECKPOINT_SUBDIR = "checkpoints"
 CKPT_VERSION = 2
 
-_RESTART = "restart the job without resume (--resume), which discards the checkpoint"
+_RESTART = "delete the checkpoint folder and run the job again (prune_model_ without resume=True discards it too)"
 
 
 def check_writable(directory: "str | os.PathLike[str]", what: str) -> None:
