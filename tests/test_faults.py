@@ -348,7 +348,6 @@ def test_swap_search_with_nothing_to_swap(nnz):
 
 import json as _json  # noqa: E402
 import random  # noqa: E402
-import shutil  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
