@@ -24,11 +24,12 @@ def _help(capsys, *argv: str) -> str:
 
 def test_every_command_is_registered_and_has_help(capsys) -> None:
     text = _help(capsys)
-    for cmd in ("prune", "eval", "bench", "env"):
+    for cmd in ("prune", "eval", "export", "bench", "env"):
         assert cmd in text
-    assert len(COMMANDS) == 3  # prune, eval, bench; env lives in cli/__init__
+    assert len(COMMANDS) == 4  # prune, eval, export, bench; env lives in cli/__init__
     assert "--overwrite" in _help(capsys, "prune")
     assert "MODEL_DIR" in _help(capsys, "eval")
+    assert "--format" in _help(capsys, "export")
 
 
 def test_bench_help_names_the_reference_tables(capsys) -> None:

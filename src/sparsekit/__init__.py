@@ -6,6 +6,7 @@ Importing sparsekit never initialises CUDA.
 from sparsekit.api import PruneResult, prune_weight
 from sparsekit.compact import Sparse24Linear, load_compact, save_compact
 from sparsekit.errors import (
+    CheckpointError,
     CompactFormatError,
     HessianError,
     InputError,
@@ -44,6 +45,7 @@ __all__ = [
     "HessianError",
     "ResourceError",
     "CompactFormatError",
+    "CheckpointError",
     "save_compact",
     "load_compact",
     "Sparse24Linear",

@@ -40,3 +40,8 @@ class MissingTextError(InputError):
 
 class CompactFormatError(SparsekitError):
     """A compact 2:4 checkpoint is malformed: wrong format or version, shapes, dtypes, positions, or file hash."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint file is missing, truncated, corrupted or out of place, or was made by another job; the
+    message names the file and the fix (delete it and resume from the block before, or restart)."""

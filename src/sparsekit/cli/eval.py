@@ -11,7 +11,7 @@ from typing import Any
 from sparsekit.data.models import load_model
 from sparsekit.errors import InputError
 from sparsekit.evaluate import evaluate
-from sparsekit.pipeline.report import REPORT_FILE
+from sparsekit.pipeline.report import REPORT_FILE, jsonable
 
 __all__ = ["add_cli"]
 
@@ -42,7 +42,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     verdict.calibration = calib
     print(verdict.format())
     if args.json:
-        Path(args.json).write_text(json.dumps(verdict.to_dict(), indent=2))
+        Path(args.json).write_text(json.dumps(jsonable(verdict.to_dict()), indent=2, allow_nan=False))
     return 0
 
 

@@ -38,7 +38,7 @@ def add_cli(subparsers: Any) -> None:
     """Register ``sparsekit export``."""
     p = subparsers.add_parser(
         "export",
-        help="write a pruned model as a compact 2:4 checkpoint (kept values + 2-bit positions, ~56% of dense)",
+        help="write a pruned model as a compact 2:4 checkpoint (kept values + 2-bit positions, ~56%% of dense)",
         description="Store every exactly-2:4 linear of a save_pretrained folder as its kept values (M x K/2) and "
                     "packed 2-bit positions (safetensors + a versioned sparsekit_compact.json); everything else is "
                     "unchanged. Load it with sparsekit.load_compact(DIR) (linears become Sparse24Linear).",

@@ -32,6 +32,7 @@ from sparsekit.pipeline import (
     prune_model_,
     save_pruned,
 )
+from sparsekit.pipeline.checkpoint import check_writable
 
 __all__ = ["add_cli", "config_from_args", "parse_options"]
 
@@ -117,14 +118,27 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
         options={k: v for k, v in opts.items() if k not in ("damp", "damp_mode")},
         rules=[Rule.parse(r) for r in args.rule],
         skip_incompatible=args.skip_incompatible,
-        damp=float(opts.get("damp", DEFAULT_DAMP)),
+        damp=_float_option(opts, "damp", DEFAULT_DAMP),
         damp_mode=str(opts.get("damp_mode", "mean")),
         sequential=args.sequential,
         device=args.device,
         batch_size=args.batch_size,
         offload_activations=args.offload,
         prune_devices=args.prune_devices,
+        max_blocks=args.max_blocks,
     )
+
+
+def _float_option(opts: dict[str, Any], key: str, default: float) -> float:
+    v = opts.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise InputError(f"--option {key}={v} is not a number; give e.g. --option {key}={default}.")
+    return float(v)
+
+
+def _positive(value: int | None, flag: str) -> None:
+    if value is not None and value < 1:
+        raise InputError(f"{flag} must be >= 1, got {value} (leave it out for the default).")
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
@@ -132,6 +146,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
+    _positive(args.tokens, "--tokens")
+    _positive(args.seq_len, "--seq-len")
     config = config_from_args(args)
     get_pattern(config.pattern)  # fail fast on a bad pattern
     out = Path(args.out or Path("sparsekit-out") / f"{_model_tag(args.model)}-{_pattern_tag(args.pattern)}")
@@ -141,13 +157,14 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         raise InputError(f"{out} already holds a pruned model; pass --overwrite to replace it, or choose another --out.")
     if (ckpt_dir / PROGRESS_FILE).exists() and not args.resume:
         raise InputError(f"{ckpt_dir} holds an unfinished job; pass --resume to continue it, or delete it to restart.")
+    check_writable(ckpt_dir, "--out")  # before any work
 
     model, tokenizer = load_model(args.model)
     from sparsekit.data.text import load_texts, tokenize_for_calibration
 
     causal = _is_causal(model)
-    tokens = args.tokens or (16384 if causal else 8192)
-    seq_len = args.seq_len or (512 if causal else 128)
+    tokens = args.tokens if args.tokens is not None else (16384 if causal else 8192)
+    seq_len = args.seq_len if args.seq_len is not None else (512 if causal else 128)
     texts = load_texts(args.calib, split="calib")
     calib = tokenize_for_calibration(tokenizer, texts, tokens, seq_len, seed=args.seed)
     print(f"model {args.model} ({type(model).__name__}); calibration: {args.calib!r} text, "
@@ -233,4 +250,6 @@ def add_cli(subparsers: Any) -> None:
                    "(auto: SparseGPT for encoders (magnitude if the method is SparseGPT), none for causal LMs; 'none' to disable)")
     p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens per text kind for perplexity")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling")
+    p.add_argument("--max-blocks", type=int, default=None, metavar="N",
+                   help="prune only the first N blocks (the rest stay dense): a quick trial of a long job")
     p.set_defaults(func=_cmd_prune)

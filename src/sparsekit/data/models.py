@@ -29,6 +29,7 @@ import torch
 
 from sparsekit.errors import InputError
 from sparsekit.data.text import default_cache_dir
+from sparsekit.pipeline.dequantized import as_plain_model
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,10 @@ def _load_gguf(path: Path, cache_dir: Path | str | None) -> tuple[Any, Any]:
     log.info("dequantising %s to float32 (about a minute on 2 cores; cached afterwards)", path.name)
     kw = dict(gguf_file=path.name, local_files_only=True)
     tok = tf.AutoTokenizer.from_pretrained(str(path.parent), **kw)
-    model = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kw)
-    model = _finish(model)
+    # dequantise every weight (with the `kernels` package installed transformers would keep them packed)
+    quant = {"quantization_config": tf.GgufConfig(dequantize=True)} if hasattr(tf, "GgufConfig") else {}
+    model = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kw, **quant)
+    model = as_plain_model(_finish(model))  # a plain float32 model: save_pretrained works
     if converted is not None:
         tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
         try:

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from sparsekit.hessian import DEFAULT_DAMP
+from sparsekit.hessian import DEFAULT_DAMP, as_device, check_damp
 from sparsekit.errors import InputError
 from sparsekit.parallel import parse_devices
 from sparsekit.patterns import Pattern
@@ -93,6 +93,7 @@ class PruneConfig:
         prune_devices: split every layer's rows across these devices for pruning (``prune_weight(devices=...)``,
             e.g. ``("cuda:0", "cuda:1")``); only for the methods whose rows are independent
             (:data:`sparsekit.parallel.ROW_SEPARABLE`). ``None``: prune on ``device``.
+        max_blocks: prune only the first ``max_blocks`` blocks (the rest stay dense); ``None``: every block.
     """
 
     pattern: "str | Pattern" = DEFAULT_PATTERN
@@ -107,6 +108,7 @@ class PruneConfig:
     batch_size: int = 8
     offload_activations: bool = False
     prune_devices: Sequence[str] | None = None
+    max_blocks: int | None = None
 
     def __post_init__(self) -> None:
         if self.sequential not in ("layer", "block"):
@@ -118,6 +120,12 @@ class PruneConfig:
             object.__setattr__(self, "prune_devices", tuple(self.prune_devices))
             for method in {self.method, *(r.method for r in self.rules if r.method not in (None, SKIP))}:
                 parse_devices(self.prune_devices, method)  # InputError unless every method is row-separable
+        if self.max_blocks is not None and (isinstance(self.max_blocks, bool) or not isinstance(self.max_blocks, int)
+                                            or self.max_blocks < 1):
+            raise InputError(f"max_blocks must be an int >= 1 or None (every block), got {self.max_blocks!r}.")
+        check_damp(self.damp, self.damp_mode)  # before any work, not at the first layer
+        if self.device is not None:
+            as_device(self.device, "device")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form; excludes where it runs (device, batch size, offload), which does not change the result."""
@@ -130,4 +138,5 @@ class PruneConfig:
             "damp": self.damp,
             "damp_mode": self.damp_mode,
             "sequential": self.sequential,
+            "max_blocks": self.max_blocks,
         }

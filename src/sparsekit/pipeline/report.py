@@ -33,9 +33,9 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [jsonable(v) for v in obj]
     if isinstance(obj, Tensor):
-        return obj.item() if obj.numel() == 1 else obj.tolist()
+        return jsonable(obj.item() if obj.numel() == 1 else obj.tolist())
     if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
+        return None  # JSON has no NaN/Inf: a value that is not a number is reported as missing
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     return str(obj)
@@ -62,8 +62,7 @@ class LayerReport:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["shape"] = list(self.shape)
-        d["stats"] = jsonable(self.stats)
-        return d
+        return jsonable(d)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LayerReport":
@@ -92,12 +91,13 @@ class ModelReport:
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("model", "blocks_path", "num_blocks", "config", "calibration")}
-        d.update(time_s=self.time_s, resumed_blocks=self.resumed_blocks, extra=jsonable(self.extra))
+        d.update(time_s=self.time_s, resumed_blocks=self.resumed_blocks, extra=self.extra)
+        d = jsonable(d)
         d["layers"] = [r.to_dict() for r in self.layers]
         return d
 
     def to_json(self, path: "str | os.PathLike[str] | None" = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2)
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False)
         if path is not None:
             atomic_write_text(Path(path), text)
         return text

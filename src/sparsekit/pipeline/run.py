@@ -32,6 +32,7 @@ The command ``sparsekit prune`` lives in :mod:`sparsekit.cli.prune`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -55,8 +56,10 @@ from sparsekit.pipeline.blocks import (
     probe_inputs,
     run_block,
 )
-from sparsekit.pipeline.checkpoint import CKPT_VERSION, Checkpointer, fingerprint
+from sparsekit.pipeline.checkpoint import Checkpointer, check_writable, fingerprint, rollback_on_error
 from sparsekit.pipeline.config import PruneConfig, pattern_name
+from sparsekit.pipeline.dequantized import as_plain_model
+from sparsekit.pipeline.inputs import check_calibration
 from sparsekit.pipeline.report import REPORT_FILE, LayerReport, ModelReport, Progress, ProgressFn
 
 log = logging.getLogger(__name__)
@@ -135,10 +138,14 @@ def prune_model_(
     emb = getattr(model, "get_input_embeddings", lambda: None)()
     if emb is not None and int(calibration.max()) >= emb.num_embeddings:
         raise InputError(f"calibration has token id {int(calibration.max())} >= vocabulary size {emb.num_embeddings}.")
+    check_calibration(model, calibration, attention_mask)
+    if checkpoint_dir is not None:
+        check_writable(checkpoint_dir, "checkpoint_dir")
 
     t_start = time.perf_counter()
     path, blocks, plans = plan_layers(model, config)
     n_blocks = len(blocks)
+    n_run = n_blocks if config.max_blocks is None else min(n_blocks, config.max_blocks)  # blocks to prune
     device = torch.device(config.device) if config.device else module_device(model)
     act_device = torch.device("cpu") if config.offload_activations else device
     num_tokens = int(attention_mask.sum()) if attention_mask is not None else calibration.numel()
@@ -152,32 +159,20 @@ def prune_model_(
 
     def emit(event: str, block: int, **kw: Any) -> None:
         if progress_fn is not None:
-            progress_fn(Progress(event, block, n_blocks, **kw))
+            progress_fn(Progress(event, block, n_run, **kw))
 
     ckpt = None
     start_block = 0
     hidden: list[Tensor] | None = None
     if checkpoint_dir is not None:
         ckpt = Checkpointer(checkpoint_dir, fingerprint(model, config, calibration, attention_mask, plans))
-        state = ckpt.state()
-        if state is not None and resume:
-            if state.get("fingerprint") != ckpt.fingerprint or state.get("version") != CKPT_VERSION:
-                raise InputError(
-                    f"the checkpoint in {checkpoint_dir} was made with another model, config or calibration; "
-                    "delete it or run without resume."
-                )
-            last = int(state["last_block"])
-            mods = dict(model.named_modules())
-            for i in range(last + 1):
-                weights = ckpt.load_block(i)
-                with torch.no_grad():
-                    for name, w in weights.items():
-                        mods[name].weight.copy_(w)
-            report.layers = [LayerReport.from_dict(r) for r in state["layers"]]
-            hidden = [h.to(act_device) for h in ckpt.load_acts(last)] if last + 1 < n_blocks else []
+        if resume and ckpt.exists():
+            last, acts = ckpt.restore(model, ckpt.state(), n_run)
+            report.layers = [LayerReport.from_dict(r) for r in ckpt.state()["layers"]]
+            hidden = [h.to(act_device) for h in acts] if acts is not None else []
             start_block = report.resumed_blocks = last + 1
-            log.info("resuming from %s after block %d of %d", checkpoint_dir, last, n_blocks)
-        elif state is not None:
+            log.info("resuming from %s after block %d of %d", checkpoint_dir, last, n_run)
+        elif ckpt.exists():
             log.warning("discarding the old checkpoint in %s (pass resume=True to continue it)", checkpoint_dir)
             ckpt.clear()
         elif resume:
@@ -188,22 +183,23 @@ def prune_model_(
     try:
         with torch.no_grad():
             emit("start", start_block)
-            if start_block < n_blocks:
+            if start_block < n_run:
                 fresh, batches = capture_inputs(
                     model, blocks, calibration, attention_mask, config.batch_size, device, act_device
                 )
                 hidden = fresh if hidden is None or start_block == 0 else hidden
                 if len(hidden) != len(batches):
                     raise InputError("checkpointed activations do not match the calibration batches; delete the checkpoint.")
-            for i in range(start_block, n_blocks):
-                hidden = _prune_block(
-                    i, blocks[i], plans[i], hidden, batches, config, device, act_device, report, emit
-                )
-                if ckpt is not None:
-                    weights = {p.name: p.module.weight.detach().cpu().clone() for p in plans[i] if not p.skipped}
-                    ckpt.save(i, weights, hidden, report.layers, {"num_blocks": n_blocks})
+            for i in range(start_block, n_run):
+                with rollback_on_error(plans[i]) if ckpt is not None else contextlib.nullcontext():
+                    hidden = _prune_block(
+                        i, blocks[i], plans[i], hidden, batches, config, device, act_device, report, emit
+                    )
+                    if ckpt is not None:
+                        weights = {p.name: p.module.weight.detach().cpu().clone() for p in plans[i] if not p.skipped}
+                        ckpt.save(i, weights, hidden, report.layers, {"num_blocks": n_blocks})
                 emit("block_done", i, num_layers=len(plans[i]))
-            emit("done", n_blocks)
+            emit("done", n_run)
     finally:
         model.train(was_training)
     report.time_s = time.perf_counter() - t_start
@@ -352,7 +348,7 @@ def save_pruned(
     ``0600``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    as_plain_model(model).save_pretrained(out, safe_serialization=True)  # a dequantised GGUF load saves as plain
     mode = 0o666 & ~_umask()
     for f in out.glob("*.safetensors*"):
         f.chmod(mode)
