@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparsekit.compact import unpack_24
+from sparsekit.kernels.pack24 import unpack_24
 from sparsekit.errors import InputError
 
 try:  # Triton is optional (absent on CPU-only installs); this module is imported only by a CUDA forward
@@ -354,7 +354,7 @@ def launch(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None, cfg: Co
 
 def unpack(values: Tensor, meta: Tensor) -> Tensor:
     """The dense ``W (M, K)``: one Triton launch on CUDA for 16-bit values (the prefill path ``"rebuild"``),
-    :func:`sparsekit.compact.unpack_24` elsewhere (same result, bit for bit)."""
+    :func:`sparsekit.kernels.pack24.unpack_24` elsewhere (same result, bit for bit)."""
     if not values.is_cuda or values.dtype not in (torch.float16, torch.bfloat16):
         return unpack_24(values, meta)
     M, K = values.shape[0], 2 * values.shape[1]
