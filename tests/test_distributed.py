@@ -1,0 +1,168 @@
+"""``prune_model_`` under torch.distributed (gloo on localhost): 2 and 3 ranks give the weights and masks of one
+process bit for bit, for every method and the four seed patterns; a rank killed mid-block ends the job with
+:class:`DistributedError`, and a resumed job (with another world size) gives the same result again."""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from sparsekit.pipeline.distributed import assign, batch_ranges
+
+transformers = pytest.importorskip("transformers")
+
+SEED_PATTERNS = ("2:4", "2:4-pairs", "coupled-2:4", "rowpair-16")
+#: every method on some linear of the two blocks (ADMM and OBS-ord twice: q/k/v and o/gate/up stages)
+METHOD_OF = {
+    "0.self_attn.q_proj": "true-obs", "0.self_attn.k_proj": "admm", "0.self_attn.v_proj": "obs-ord",
+    "0.self_attn.o_proj": "sparsegpt", "0.mlp.gate_proj": "obs-full", "0.mlp.up_proj": "obs-split",
+    "0.mlp.down_proj": "obs-interleaved", "1.self_attn.q_proj": "magnitude", "1.self_attn.k_proj": "wanda",
+    "1.self_attn.v_proj": "obs-local", "1.self_attn.o_proj": "admm", "1.mlp.gate_proj": "true-obs",
+    "1.mlp.up_proj": "obs-ord", "1.mlp.down_proj": "sparsegpt",
+}
+TIMEOUT_S = "30"
+
+
+def _model():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _calib() -> torch.Tensor:
+    return torch.randint(0, 96, (6, 32), generator=torch.Generator().manual_seed(1))  # 6 batches of 1
+
+
+def _config(pattern: str):
+    from sparsekit.pipeline.config import PruneConfig, Rule
+
+    rules = [Rule(rf"layers\.{name.replace('.', '[.]')}$", method, None, {"iters": 60} if method == "admm" else {})
+             for name, method in METHOD_OF.items()]
+    return PruneConfig(pattern=pattern, method="sparsegpt", rules=rules, batch_size=1, device="cpu", row_parts=4)
+
+
+def _prune(pattern: str, **kw) -> dict[str, torch.Tensor]:
+    from sparsekit.pipeline.run import prune_model_
+
+    model = _model()
+    prune_model_(model, _config(pattern), _calib(), **kw)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "layers." in n and p.dim() == 2}
+
+
+def _worker(rank: int, world: int, port: int, job: dict, out: str) -> None:
+    """One rank: prune ``job["patterns"]``; write ``{pattern: weights}`` (every rank) or the error's type name."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), SPARSEKIT_DIST_TIMEOUT=TIMEOUT_S)
+    torch.set_num_threads(1)
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=int(TIMEOUT_S)))
+    result: object
+    try:
+        if rank == job.get("victim"):
+            from sparsekit.pipeline import run
+
+            real = run._prune_layer
+
+            def die(p, *a, **kw):  # the first linear of block 1 is pruned, then this rank dies mid-block
+                if p.block == 1 and "o_proj" in p.name:
+                    os._exit(3)
+                return real(p, *a, **kw)
+
+            run._prune_layer = die
+        result = {pat: _prune(pat, **job.get("kw", {})) for pat in job["patterns"]}
+    except Exception as e:  # the test reads the type
+        result = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+    if isinstance(result, dict):
+        dist.destroy_process_group()
+
+
+def _spawn(world: int, job: dict, out: Path) -> list[object]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(r, world, port, job, str(out))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        if p.is_alive():
+            p.kill()
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) if (out / f"rank{r}.pt").exists() else None
+            for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def one_process() -> dict[str, dict[str, torch.Tensor]]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {pat: _prune(pat) for pat in SEED_PATTERNS}
+    finally:
+        torch.set_num_threads(n)
+
+
+def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name] != 0, want[name] != 0), f"{name}: masks differ"
+        assert torch.equal(got[name], want[name]), f"{name}: weights differ"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_match_one_process(world, tmp_path, one_process):
+    results = _spawn(world, {"patterns": SEED_PATTERNS}, tmp_path)
+    for r, res in enumerate(results):
+        assert isinstance(res, dict), f"rank {r}: {res}"
+        for pat in SEED_PATTERNS:
+            _assert_same(res[pat], one_process[pat])
+
+
+def test_dead_rank_then_resume(tmp_path, one_process):
+    ckpt = tmp_path / "ckpt"
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "resumed").mkdir()
+    job = {"patterns": ["2:4"], "kw": {"checkpoint_dir": str(ckpt)}}
+    killed = _spawn(2, {**job, "victim": 1}, tmp_path / "killed")
+    assert killed[1] is None  # the victim wrote nothing
+    assert isinstance(killed[0], str) and killed[0].startswith("DistributedError"), killed[0]
+    assert "--resume" in killed[0]
+    # block 0 was committed; resume with another world size and get the one-process result
+    resumed = _spawn(3, {"patterns": ["2:4"], "kw": {"checkpoint_dir": str(ckpt), "resume": True}},
+                     tmp_path / "resumed")
+    for r, res in enumerate(resumed):
+        assert isinstance(res, dict), f"rank {r}: {res}"
+        _assert_same(res["2:4"], one_process["2:4"])
+
+
+def test_batch_ranges_cover_in_order():
+    for n in range(1, 20):
+        for w in range(1, n + 1):
+            ranges = batch_ranges(n, w)
+            assert [a for a, _ in ranges] == [0] + [b for _, b in ranges[:-1]] and ranges[-1][1] == n
+            sizes = [b - a for a, b in ranges]
+            assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+
+
+def test_assign_balances_and_keeps_coupled_methods_whole():
+    from sparsekit.pipeline.blocks import plan_layers
+
+    model = _model()
+    _, _, plans = plan_layers(model, _config("2:4"))
+    stage = [p for p in plans[0] if "self_attn" in p.name and "o_proj" not in p.name]  # q true-obs, k admm, v obs-ord
+    items = assign(stage, 4, 3)
+    parts = {p.name.rsplit(".", 1)[-1]: [(it.start, it.stop) for it in items if it.plan is p] for p in stage}
+    assert parts == {"q_proj": [(0, 16), (16, 32), (32, 48), (48, 64)], "k_proj": [(0, 32)], "v_proj": [(0, 32)]}
+    load = [sum(it.cost for it in items if it.owner == r) for r in range(3)]
+    assert max(load) - min(load) <= max(it.cost for it in items)  # largest-first greedy bound
+    assert assign(stage, 4, 3) == items  # every rank computes the same assignment
