@@ -57,32 +57,40 @@ def _prune(pattern: str, **kw) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, world: int, port: int, job: dict, out: str) -> None:
-    """One rank: prune ``job["patterns"]``; write ``{pattern: weights}`` (every rank) or the error's type name."""
+    """One rank: prune each of ``job["patterns"]`` (keyword arguments ``job["kw"][pattern]``); write
+    ``{pattern: weights}`` and, if a run failed, ``"error"`` (the exception's type, message and traceback).
+    Rank ``job["victim"]`` dies (``os._exit``) in the run of ``job["die_in"]``, right after pruning the first
+    linear of block 1's second stage."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), SPARSEKIT_DIST_TIMEOUT=TIMEOUT_S)
     torch.set_num_threads(1)
     import datetime
 
     import torch.distributed as dist
 
+    from sparsekit.pipeline import run
+
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=int(TIMEOUT_S)))
-    result: object
-    try:
-        if rank == job.get("victim"):
-            from sparsekit.pipeline import run
+    current = [""]
+    if rank == job.get("victim"):
+        real = run._prune_layer
 
-            real = run._prune_layer
+        def die(p, *a, **kw):
+            if current[0] == job["die_in"] and p.block == 1 and "o_proj" in p.name:
+                os._exit(3)
+            return real(p, *a, **kw)
 
-            def die(p, *a, **kw):  # the first linear of block 1 is pruned, then this rank dies mid-block
-                if p.block == 1 and "o_proj" in p.name:
-                    os._exit(3)
-                return real(p, *a, **kw)
-
-            run._prune_layer = die
-        result = {pat: _prune(pat, **job.get("kw", {})) for pat in job["patterns"]}
-    except Exception as e:  # the test reads the type
-        result = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
-    torch.save(result, Path(out) / f"rank{rank}.pt")
-    if isinstance(result, dict):
+        run._prune_layer = die
+    result: dict = {}
+    for pat in job["patterns"]:
+        current[0] = pat
+        try:
+            result[pat] = _prune(pat, **job.get("kw", {}).get(pat, {}))
+        except Exception as e:  # the test reads it
+            result["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+        torch.save(result, Path(out) / f"rank{rank}.pt")  # what a rank did before it died stays
+        if "error" in result:
+            break
+    if "error" not in result:
         dist.destroy_process_group()
 
 
@@ -119,30 +127,40 @@ def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) ->
         assert torch.equal(got[name], want[name]), f"{name}: weights differ"
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_ranks_match_one_process(world, tmp_path, one_process):
-    results = _spawn(world, {"patterns": SEED_PATTERNS}, tmp_path)
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ckpt")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, ckpt) -> list:
+    """2 ranks: three patterns in full, then 2:4 with checkpoints, during which rank 1 dies in block 1."""
+    job = {"patterns": SEED_PATTERNS[1:] + ("2:4",), "kw": {"2:4": {"checkpoint_dir": str(ckpt)}},
+           "victim": 1, "die_in": "2:4"}
+    return _spawn(2, job, tmp_path_factory.mktemp("two"))
+
+
+def test_two_ranks_match_one_process(two_ranks, one_process):
+    for r in range(2):
+        for pat in SEED_PATTERNS[1:]:
+            _assert_same(two_ranks[r][pat], one_process[pat])
+
+
+def test_dead_rank_ends_the_job_with_a_clear_error(two_ranks):
+    assert "2:4" not in two_ranks[1] and "error" not in two_ranks[1]  # the victim died without a word
+    err = two_ranks[0]["error"]
+    assert err.startswith("DistributedError") and "--resume" in err, err
+    assert "2:4" not in two_ranks[0]
+
+
+def test_three_ranks_and_resume_match_one_process(two_ranks, ckpt, tmp_path, one_process):
+    """3 ranks: the 2:4 job killed under 2 ranks resumed after block 0, then the three other patterns."""
+    job = {"patterns": ("2:4",) + SEED_PATTERNS[1:], "kw": {"2:4": {"checkpoint_dir": str(ckpt), "resume": True}}}
+    results = _spawn(3, job, tmp_path)
     for r, res in enumerate(results):
-        assert isinstance(res, dict), f"rank {r}: {res}"
+        assert "error" not in res, f"rank {r}: {res['error']}"
         for pat in SEED_PATTERNS:
             _assert_same(res[pat], one_process[pat])
-
-
-def test_dead_rank_then_resume(tmp_path, one_process):
-    ckpt = tmp_path / "ckpt"
-    (tmp_path / "killed").mkdir()
-    (tmp_path / "resumed").mkdir()
-    job = {"patterns": ["2:4"], "kw": {"checkpoint_dir": str(ckpt)}}
-    killed = _spawn(2, {**job, "victim": 1}, tmp_path / "killed")
-    assert killed[1] is None  # the victim wrote nothing
-    assert isinstance(killed[0], str) and killed[0].startswith("DistributedError"), killed[0]
-    assert "--resume" in killed[0]
-    # block 0 was committed; resume with another world size and get the one-process result
-    resumed = _spawn(3, {"patterns": ["2:4"], "kw": {"checkpoint_dir": str(ckpt), "resume": True}},
-                     tmp_path / "resumed")
-    for r, res in enumerate(resumed):
-        assert isinstance(res, dict), f"rank {r}: {res}"
-        _assert_same(res["2:4"], one_process["2:4"])
 
 
 def test_batch_ranges_cover_in_order():
