@@ -55,7 +55,7 @@ from sparsekit.pruners import METHODS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TIMEOUT_ENV", "init_from_env", "batch_ranges", "assign", "Group", "join"]
+__all__ = ["TIMEOUT_ENV", "init_from_env", "is_lead", "leave", "batch_ranges", "assign", "Group", "join"]
 
 #: Seconds a collective may wait for the other ranks before the job ends with :class:`DistributedError`.
 TIMEOUT_ENV = "SPARSEKIT_DIST_TIMEOUT"
@@ -82,6 +82,25 @@ def init_from_env(device: str | None = None) -> str | None:
     dist.init_process_group("nccl" if cuda else "gloo", timeout=_timeout())
     log.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
     return _rank_device(device)
+
+
+def is_lead() -> bool:
+    """True outside a process group and on rank 0: the process that prints, saves and evaluates."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def leave() -> bool:
+    """End the process group once every rank has finished pruning (what follows, saving and the verdict, runs on
+    rank 0 alone, in one process); returns :func:`is_lead`. A no-op outside a process group."""
+    if not dist.is_initialized():
+        return True
+    lead = dist.get_rank() == 0
+    try:
+        dist.barrier()
+    except RuntimeError as e:
+        raise DistributedError(f"rank {dist.get_rank()}: the final barrier failed ({e}); another rank died.") from e
+    dist.destroy_process_group()
+    return lead
 
 
 def _rank_device(device: str | None) -> str:
