@@ -40,20 +40,27 @@ def _calib() -> torch.Tensor:
     return torch.randint(0, 96, (6, 32), generator=torch.Generator().manual_seed(1))  # 6 batches of 1
 
 
-def _config(pattern: str):
+def _config(pattern: str, device: str = "cpu"):
     from sparsekit.pipeline.config import PruneConfig, Rule
 
     rules = [Rule(rf"layers\.{name.replace('.', '[.]')}$", method, None, {"iters": 60} if method == "admm" else {})
              for name, method in METHOD_OF.items()]
-    return PruneConfig(pattern=pattern, method="sparsegpt", rules=rules, batch_size=1, device="cpu", row_parts=4)
+    # coupled-2:4 also covers sequential="block" (a stage of several groups)
+    return PruneConfig(pattern=pattern, method="sparsegpt", rules=rules, batch_size=1, device=device, row_parts=4,
+                       sequential="block" if pattern == "coupled-2:4" else "layer")
 
 
-def _prune(pattern: str, **kw) -> dict[str, torch.Tensor]:
+def _prune(pattern: str, device: str = "cpu", **kw) -> dict[str, torch.Tensor]:
     from sparsekit.pipeline.run import prune_model_
 
     model = _model()
-    prune_model_(model, _config(pattern), _calib(), **kw)
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "layers." in n and p.dim() == 2}
+    ids = _calib()
+    mask = None
+    if pattern == "2:4-pairs":  # padded tokens enter no H
+        mask = torch.ones_like(ids)
+        mask[1, -5:] = mask[4, -9:] = 0
+    prune_model_(model, _config(pattern, device), ids, attention_mask=mask, **kw)
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if "layers." in n and p.dim() == 2}
 
 
 def _worker(rank: int, world: int, port: int, job: dict, out: str) -> None:
@@ -69,7 +76,11 @@ def _worker(rank: int, world: int, port: int, job: dict, out: str) -> None:
 
     from sparsekit.pipeline import run
 
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=int(TIMEOUT_S)))
+    backend = job.get("backend", "gloo")
+    if backend == "nccl":
+        os.environ["NCCL_NVLS_ENABLE"] = "0"
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=int(TIMEOUT_S)))
     current = [""]
     if rank == job.get("victim"):
         real = run._prune_layer
@@ -84,7 +95,7 @@ def _worker(rank: int, world: int, port: int, job: dict, out: str) -> None:
     for pat in job["patterns"]:
         current[0] = pat
         try:
-            result[pat] = _prune(pat, **job.get("kw", {}).get(pat, {}))
+            result[pat] = _prune(pat, job.get("device", "cpu"), **job.get("kw", {}).get(pat, {}))
         except Exception as e:  # the test reads it
             result["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
         torch.save(result, Path(out) / f"rank{rank}.pt")  # what a rank did before it died stays
@@ -184,3 +195,13 @@ def test_assign_balances_and_keeps_coupled_methods_whole():
     load = [sum(it.cost for it in items if it.owner == r) for r in range(3)]
     assert max(load) - min(load) <= max(it.cost for it in items)  # largest-first greedy bound
     assert assign(stage, 4, 3) == items  # every rank computes the same assignment
+
+
+@pytest.mark.gpu
+def test_one_nccl_rank_matches_the_gpu_run_without_a_group(tmp_path):
+    """On one GPU: the distributed path (NCCL, one rank: row parts, the ordered reduction) against the plain one."""
+    want = {pat: _prune(pat, "cuda:0") for pat in SEED_PATTERNS}
+    (got,) = _spawn(1, {"patterns": SEED_PATTERNS, "backend": "nccl", "device": "cuda:0"}, tmp_path)
+    assert "error" not in got, got["error"]
+    for pat in SEED_PATTERNS:
+        _assert_same(got[pat], want[pat])
