@@ -205,3 +205,65 @@ def test_one_nccl_rank_matches_the_gpu_run_without_a_group(tmp_path):
     assert "error" not in got, got["error"]
     for pat in SEED_PATTERNS:
         _assert_same(got[pat], want[pat])
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo process group of one rank in this process (cheap: no spawn)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+    dist.destroy_process_group()
+
+
+def test_one_rank_group_matches_one_process(one_rank_group, one_process):
+    _assert_same(_prune("rowpair-16"), one_process["rowpair-16"])
+
+
+def test_group_refuses_prune_devices(one_rank_group):
+    import dataclasses
+
+    from sparsekit.errors import InputError
+    from sparsekit.pipeline.run import prune_model_
+
+    cfg = dataclasses.replace(_config("2:4"), rules=(), prune_devices=["cpu", "cpu"])
+    with pytest.raises(InputError, match="prune_devices"):
+        prune_model_(_model(), cfg, _calib())
+
+
+def test_a_pruner_error_on_its_owner_reaches_every_rank(one_rank_group):
+    """The owner's error is raised after the exchange (no rank is left waiting); the weight stays as it was."""
+    from sparsekit.errors import HessianError
+    from sparsekit.pipeline.blocks import plan_layers
+    from sparsekit.pipeline.distributed import Group
+
+    model = _model()
+    _, _, plans = plan_layers(model, _config("2:4"))
+    q = plans[0][0]
+    before = q.module.weight.detach().clone()
+    H = torch.eye(64)
+    H[0, 1] = 1.0  # not symmetric: prune_weight refuses it
+    with pytest.raises(HessianError, match="not symmetric"):
+        Group(6, torch.device("cpu")).prune([q], H, _config("2:4"))
+    assert torch.equal(q.module.weight, before)
+
+
+def test_fewer_batches_than_ranks_is_refused(one_rank_group, monkeypatch):
+    import torch.distributed as dist
+
+    from sparsekit.errors import InputError
+    from sparsekit.pipeline.distributed import Group
+
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 3)
+    with pytest.raises(InputError, match="at least 3 batches"):
+        Group(2, torch.device("cpu"))

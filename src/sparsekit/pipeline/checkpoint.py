@@ -41,6 +41,7 @@ def fingerprint(
     h = hashlib.sha256()
     h.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
     h.update(f"batch_size={config.batch_size}".encode())  # the activations are stored per batch
+    h.update(f"row_parts={config.row_parts}".encode())  # the row parts of a distributed run
     h.update(type(model).__name__.encode())
     for t in (input_ids, attention_mask):
         if t is not None:
