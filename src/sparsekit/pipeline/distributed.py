@@ -20,8 +20,10 @@ runs :func:`sparsekit.pipeline.run.prune_model_` on the same model, config and c
   go to ranks largest first, each to the least-loaded rank (cost ``rows · K²``); each rank prunes its own with
   :func:`sparsekit.prune_weight`, and every item's weights and mask are broadcast from their owner, so every
   rank continues with the same block.
-- **Checkpoints**: every rank reads them; rank 0 alone writes (the activations gathered from every rank) and the
-  others wait at a barrier. Rank 0 alone reports progress; :mod:`sparsekit.cli.prune` lets only rank 0 save.
+- **Checkpoints**: every rank reads them (on several machines ``checkpoint_dir`` must be on a file system all
+  of them see); rank 0 alone writes (the activations gathered from every rank) and the others wait at a barrier. Rank 0 alone reports progress; :mod:`sparsekit.cli.prune` lets only rank 0 save.
+- **Reports**: every rank builds the same :class:`ModelReport`; a split linear's ``time_s`` is the sum of its
+  parts' pruning times (compute, not wall time) and its ``stats`` gain ``ranks`` and ``rows_per_part``.
 - **Failures**: a collective that fails (a rank died, or none answered within ``SPARSEKIT_DIST_TIMEOUT``
   seconds, default 1800) raises :class:`~sparsekit.errors.DistributedError`; finished blocks stay checkpointed
   and ``--resume`` continues with any world size.
