@@ -109,7 +109,8 @@ def _spawn(world: int, job: dict, out: Path) -> list[object]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
+    # fork: the children skip re-importing torch and transformers (seconds each); CUDA needs spawn
+    ctx = mp.get_context("spawn" if job.get("backend") == "nccl" else "fork")
     procs = [ctx.Process(target=_worker, args=(r, world, port, job, str(out))) for r in range(world)]
     for p in procs:
         p.start()
