@@ -34,6 +34,10 @@ class ResourceError(SparsekitError):
         self.budget = budget
 
 
+class DistributedError(SparsekitError):
+    """A collective of a ``torch.distributed`` run failed: another rank died or did not answer in time."""
+
+
 class MissingTextError(InputError):
     """A named text source is not on this machine; the message names the Debian package that provides it."""
 

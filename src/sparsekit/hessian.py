@@ -98,6 +98,12 @@ class HessianAccumulator:
         self.num_tokens += x.shape[0]
 
     @property
+    def partial_sum(self) -> Tensor:
+        """``(K, K)`` the running ``Σ x xᵀ`` itself (not a copy): :mod:`sparsekit.pipeline.distributed` sends and
+        receives it in place, with ``num_tokens``."""
+        return self._sum
+
+    @property
     def hessian(self) -> Tensor:
         """``(K, K)`` ``XᵀX / N``."""
         if self.num_tokens == 0:

@@ -14,6 +14,9 @@ flag that the pruners set and restore around their GEMMs (:func:`sparsekit.kerne
 several threads one part may finish a context while another is inside its own, so a part can run some float32
 GEMMs strictly instead of in TF32 (slower, not less accurate). The flag is restored to the caller's value when
 all parts are done.
+
+Whole models go parallel through :mod:`sparsekit.pipeline.distributed` (``torchrun``: several GPUs or machines,
+every method); ``devices=`` stays the one-layer, one-process convenience and shares :func:`row_parts` with it.
 """
 
 from __future__ import annotations

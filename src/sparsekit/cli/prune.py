@@ -17,6 +17,7 @@ from torch import nn
 from sparsekit.hessian import DEFAULT_DAMP
 from sparsekit.data.models import MODELS, load_model
 from sparsekit.errors import InputError
+from sparsekit.pipeline import distributed
 from sparsekit.patterns import get_pattern
 from sparsekit.pipeline import (
     CHECKPOINT_SUBDIR,
@@ -126,6 +127,7 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
         offload_activations=args.offload,
         prune_devices=args.prune_devices,
         max_blocks=args.max_blocks,
+        row_parts=args.row_parts,
     )
 
 
@@ -148,6 +150,10 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     _positive(args.tokens, "--tokens")
     _positive(args.seq_len, "--seq-len")
+    rank_device = distributed.init_from_env(args.device)  # under torchrun: this rank's device
+    if rank_device is not None:
+        args.device = rank_device
+    lead = distributed.is_lead()  # rank 0 prints, saves and evaluates
     config = config_from_args(args)
     get_pattern(config.pattern)  # fail fast on a bad pattern
     out = Path(args.out or Path("sparsekit-out") / f"{_model_tag(args.model)}-{_pattern_tag(args.pattern)}")
@@ -167,14 +173,17 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     seq_len = args.seq_len if args.seq_len is not None else (512 if causal else 128)
     texts = load_texts(args.calib, split="calib")
     calib = tokenize_for_calibration(tokenizer, texts, tokens, seq_len, seed=args.seed)
-    print(f"model {args.model} ({type(model).__name__}); calibration: {args.calib!r} text, "
-          f"{calib.shape[0]} x {calib.shape[1]} = {calib.numel()} tokens; {config.method} at {pattern_name(config.pattern)}")
+    if lead:
+        print(f"model {args.model} ({type(model).__name__}); calibration: {args.calib!r} text, "
+              f"{calib.shape[0]} x {calib.shape[1]} = {calib.numel()} tokens; {config.method} at {pattern_name(config.pattern)}")
 
-    progress, close = _progress_bars("blocks")
+    progress, close = _progress_bars("blocks") if lead else (None, lambda: None)
     try:
         report = prune_model_(model, config, calib, progress, checkpoint_dir=ckpt_dir, resume=args.resume)
     finally:
         close()
+    if not distributed.leave():
+        return 0  # the other ranks are done: rank 0 saves and evaluates alone
     report.calibration.update(source=args.calib, seed=args.seed)
     report.extra["model_spec"] = args.model if args.model in MODELS else str(Path(args.model).resolve())
     save_pruned(model, out, report, tokenizer)
@@ -241,6 +250,8 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--prune-devices", nargs="+", default=None, metavar="DEV",
                    help="split each layer's rows across these devices for pruning (e.g. cuda:0 cuda:1); methods "
                         "whose rows are independent only (sparsegpt, true-obs, ...)")
+    p.add_argument("--row-parts", type=int, default=8, help="under torchrun: row parts of each row-separable "
+                   "linear, spread over the ranks (fixed, so that every world size gives the same result)")
     p.add_argument("--out", default=None, help="output directory (default: ./sparsekit-out/MODEL-PATTERN)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted job from its last finished block")
     p.add_argument("--overwrite", action="store_true", help="replace a pruned model already in --out (else an error)")

@@ -94,6 +94,9 @@ class PruneConfig:
             e.g. ``("cuda:0", "cuda:1")``); only for the methods whose rows are independent
             (:data:`sparsekit.parallel.ROW_SEPARABLE`). ``None``: prune on ``device``.
         max_blocks: prune only the first ``max_blocks`` blocks (the rest stay dense); ``None``: every block.
+        row_parts: under ``torch.distributed``, the row-separable linears are pruned in this many row parts spread
+            over the ranks (:mod:`sparsekit.pipeline.distributed`); fixed here, not by the world size, so that
+            every world size gives the same result. Unused in one process without a process group.
     """
 
     pattern: "str | Pattern" = DEFAULT_PATTERN
@@ -109,12 +112,15 @@ class PruneConfig:
     offload_activations: bool = False
     prune_devices: Sequence[str] | None = None
     max_blocks: int | None = None
+    row_parts: int = 8
 
     def __post_init__(self) -> None:
         if self.sequential not in ("layer", "block"):
             raise InputError(f"sequential must be 'layer' or 'block', got {self.sequential!r}.")
         if self.batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if isinstance(self.row_parts, bool) or not isinstance(self.row_parts, int) or self.row_parts < 1:
+            raise InputError(f"row_parts must be an int >= 1, got {self.row_parts!r}.")
         object.__setattr__(self, "rules", tuple(self.rules))
         if self.prune_devices is not None:
             object.__setattr__(self, "prune_devices", tuple(self.prune_devices))
@@ -139,4 +145,5 @@ class PruneConfig:
             "damp_mode": self.damp_mode,
             "sequential": self.sequential,
             "max_blocks": self.max_blocks,
+            "row_parts": self.row_parts,
         }

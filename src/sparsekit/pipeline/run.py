@@ -42,7 +42,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from sparsekit.api import prune_weight
+from sparsekit.api import PruneResult, prune_weight
 from sparsekit.errors import InputError
 from sparsekit.hessian import HessianAccumulator
 from sparsekit.pipeline.blocks import (
@@ -60,6 +60,7 @@ from sparsekit.pipeline.checkpoint import Checkpointer, check_writable, fingerpr
 from sparsekit.pipeline.config import PruneConfig, pattern_name
 from sparsekit.pipeline.dequantized import as_plain_model
 from sparsekit.pipeline.inputs import check_calibration
+from sparsekit.pipeline.distributed import Group, join
 from sparsekit.pipeline.report import REPORT_FILE, LayerReport, ModelReport, Progress, ProgressFn
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,10 @@ def prune_model_(
     n_run = n_blocks if config.max_blocks is None else min(n_blocks, config.max_blocks)  # blocks to prune
     device = torch.device(config.device) if config.device else module_device(model)
     act_device = torch.device("cpu") if config.offload_activations else device
+    group = join(config, device, calibration.shape[0])  # None without a torch.distributed process group
+    writes = group is None or group.is_writer
+    if not writes:
+        progress_fn = None  # rank 0 reports
     num_tokens = int(attention_mask.sum()) if attention_mask is not None else calibration.numel()
     report = ModelReport(
         model=type(model).__name__,
@@ -166,15 +171,20 @@ def prune_model_(
     hidden: list[Tensor] | None = None
     if checkpoint_dir is not None:
         ckpt = Checkpointer(checkpoint_dir, fingerprint(model, config, calibration, attention_mask, plans))
-        if resume and ckpt.exists():
-            last, acts = ckpt.restore(model, ckpt.state(), n_run)
-            report.layers = [LayerReport.from_dict(r) for r in ckpt.state()["layers"]]
+        state = ckpt.state() if resume and ckpt.exists() else None
+        if group is not None:
+            group.barrier()  # every rank has read the state before rank 0 may clear it
+        if state is not None:
+            last, acts = ckpt.restore(model, state, n_run)
+            report.layers = [LayerReport.from_dict(r) for r in state["layers"]]
             hidden = [h.to(act_device) for h in acts] if acts is not None else []
+            hidden = hidden if group is None else group.local(hidden)
             start_block = report.resumed_blocks = last + 1
             log.info("resuming from %s after block %d of %d", checkpoint_dir, last, n_run)
         elif ckpt.exists():
             log.warning("discarding the old checkpoint in %s (pass resume=True to continue it)", checkpoint_dir)
-            ckpt.clear()
+            if writes:
+                ckpt.clear()
         elif resume:
             log.warning("no checkpoint in %s; starting from the first block", checkpoint_dir)
 
@@ -184,20 +194,24 @@ def prune_model_(
         with torch.no_grad():
             emit("start", start_block)
             if start_block < n_run:
-                fresh, batches = capture_inputs(
-                    model, blocks, calibration, attention_mask, config.batch_size, device, act_device
-                )
+                ids, mask = (calibration, attention_mask) if group is None else group.local_calibration(
+                    calibration, attention_mask, config.batch_size)
+                fresh, batches = capture_inputs(model, blocks, ids, mask, config.batch_size, device, act_device)
                 hidden = fresh if hidden is None or start_block == 0 else hidden
                 if len(hidden) != len(batches):
                     raise InputError("checkpointed activations do not match the calibration batches; delete the checkpoint.")
             for i in range(start_block, n_run):
                 with rollback_on_error(plans[i]) if ckpt is not None else contextlib.nullcontext():
                     hidden = _prune_block(
-                        i, blocks[i], plans[i], hidden, batches, config, device, act_device, report, emit
+                        i, blocks[i], plans[i], hidden, batches, config, device, act_device, report, emit, group
                     )
                     if ckpt is not None:
-                        weights = {p.name: p.module.weight.detach().cpu().clone() for p in plans[i] if not p.skipped}
-                        ckpt.save(i, weights, hidden, report.layers, {"num_blocks": n_blocks})
+                        acts = hidden if group is None else group.gather(hidden)
+                        if writes:
+                            weights = {p.name: p.module.weight.detach().cpu().clone() for p in plans[i] if not p.skipped}
+                            ckpt.save(i, weights, acts, report.layers, {"num_blocks": n_blocks})
+                        if group is not None:
+                            group.barrier()  # the block is committed before any rank goes on
                 emit("block_done", i, num_layers=len(plans[i]))
             emit("done", n_run)
     finally:
@@ -217,13 +231,14 @@ def _prune_block(
     act_device: torch.device,
     report: ModelReport,
     emit: Callable[..., None],
+    group: Group | None = None,
 ) -> list[Tensor]:
     """Calibrate, prune and run one block; returns its outputs on the calibration batches (the next inputs)."""
     emit("block_start", i, num_layers=len(plans))
     home = module_device(block)
     block.to(device)
     try:
-        return _calibrate_prune_run(i, block, plans, hidden, batches, config, device, act_device, report, emit)
+        return _calibrate_prune_run(i, block, plans, hidden, batches, config, device, act_device, report, emit, group)
     finally:
         block.to(home)  # one block on the device at a time, even when a layer fails
 
@@ -239,6 +254,7 @@ def _calibrate_prune_run(
     act_device: torch.device,
     report: ModelReport,
     emit: Callable[..., None],
+    group: Group | None = None,
 ) -> list[Tensor]:
     n_layers = len(plans)
     index = {p.name: k for k, p in enumerate(plans)}
@@ -266,19 +282,25 @@ def _calibrate_prune_run(
         expected = sum(calls.get(g[0].name, 0) for g in stage)
         if any(calls.get(g[0].name, 0) == 0 for g in stage):
             expected = 0  # some linear is not reached: run whole passes
-        with HessianHooks([(g[0].module, acc) for g, acc in zip(stage, accs)], expected) as hooks:
+        sources = accs if group is None else [group.deferred() for _ in accs]  # ranks add theirs in batch order
+        with HessianHooks([(g[0].module, src) for g, src in zip(stage, sources)], expected) as hooks:
             for h, inp in zip(hidden, batches):
                 hooks.batch(inp.token_mask)
                 try:
                     run_block(block, h, inp.block(i), device)
                 except StopForward:
                     pass
-        for g, group in enumerate(stage):
+        if group is not None:
+            group.reduce_hessians(accs, sources)
+        for g, linears in enumerate(stage):
             acc = accs[g]
             H = acc.hessian if acc.num_tokens else None  # (K, K)
             accs[g] = None  # free Σxxᵀ now; H goes right after the group
-            for p in group:
-                report.layers.append(_prune_layer(p, H, acc.num_tokens, config, index[p.name], n_layers, emit))
+            done = group.prune(linears, H, config) if group is not None and H is not None else {}
+            for p in linears:
+                report.layers.append(
+                    _prune_layer(p, H, acc.num_tokens, config, index[p.name], n_layers, emit, done.get(p.name))
+                )
             del H, acc
         del accs
 
@@ -296,7 +318,9 @@ def _prune_layer(
     index: int,
     n_layers: int,
     emit: Callable[..., None],
+    result: PruneResult | None = None,
 ) -> LayerReport:
+    """Prune one linear (or report ``result``, its pruning done by :mod:`sparsekit.pipeline.distributed`)."""
     M, K = p.module.weight.shape
     pat = pattern_name(p.pattern)
     kw = {"layer": p.name, "layer_index": index, "num_layers": n_layers}
@@ -310,7 +334,7 @@ def _prune_layer(
     def method_progress(msg: str) -> None:
         emit("message", p.block, message=msg, **kw)
 
-    res = prune_weight(
+    res = result if result is not None else prune_weight(
         p.module.weight.data, H, p.pattern, p.method,
         damp=config.damp, damp_mode=config.damp_mode, inplace=True, progress_fn=method_progress,
         devices=config.prune_devices, **p.options,

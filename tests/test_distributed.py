@@ -1,0 +1,270 @@
+"""``prune_model_`` under torch.distributed (gloo on localhost): 2 and 3 ranks give the weights and masks of one
+process bit for bit, for every method and the four seed patterns; a rank killed mid-block ends the job with
+:class:`DistributedError`, and a resumed job (with another world size) gives the same result again."""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from sparsekit.pipeline.distributed import assign, batch_ranges
+
+transformers = pytest.importorskip("transformers")
+
+SEED_PATTERNS = ("2:4", "2:4-pairs", "coupled-2:4", "rowpair-16")
+#: every method on some linear of the two blocks (ADMM and OBS-ord twice: q/k/v and o/gate/up stages)
+METHOD_OF = {
+    "0.self_attn.q_proj": "true-obs", "0.self_attn.k_proj": "admm", "0.self_attn.v_proj": "obs-ord",
+    "0.self_attn.o_proj": "sparsegpt", "0.mlp.gate_proj": "obs-full", "0.mlp.up_proj": "obs-split",
+    "0.mlp.down_proj": "obs-interleaved", "1.self_attn.q_proj": "magnitude", "1.self_attn.k_proj": "wanda",
+    "1.self_attn.v_proj": "obs-local", "1.self_attn.o_proj": "admm", "1.mlp.gate_proj": "true-obs",
+    "1.mlp.up_proj": "obs-ord", "1.mlp.down_proj": "sparsegpt",
+}
+TIMEOUT_S = "30"
+
+
+def _model():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _calib() -> torch.Tensor:
+    return torch.randint(0, 96, (6, 32), generator=torch.Generator().manual_seed(1))  # 6 batches of 1
+
+
+def _config(pattern: str, device: str = "cpu"):
+    from sparsekit.pipeline.config import PruneConfig, Rule
+
+    rules = [Rule(rf"layers\.{name.replace('.', '[.]')}$", method, None, {"iters": 60} if method == "admm" else {})
+             for name, method in METHOD_OF.items()]
+    # coupled-2:4 also covers sequential="block" (a stage of several groups)
+    return PruneConfig(pattern=pattern, method="sparsegpt", rules=rules, batch_size=1, device=device, row_parts=4,
+                       sequential="block" if pattern == "coupled-2:4" else "layer")
+
+
+def _prune(pattern: str, device: str = "cpu", **kw) -> dict[str, torch.Tensor]:
+    from sparsekit.pipeline.run import prune_model_
+
+    model = _model()
+    ids = _calib()
+    mask = None
+    if pattern == "2:4-pairs":  # padded tokens enter no H
+        mask = torch.ones_like(ids)
+        mask[1, -5:] = mask[4, -9:] = 0
+    prune_model_(model, _config(pattern, device), ids, attention_mask=mask, **kw)
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if "layers." in n and p.dim() == 2}
+
+
+def _worker(rank: int, world: int, port: int, job: dict, out: str) -> None:
+    """One rank: prune each of ``job["patterns"]`` (keyword arguments ``job["kw"][pattern]``); write
+    ``{pattern: weights}`` and, if a run failed, ``"error"`` (the exception's type, message and traceback).
+    Rank ``job["victim"]`` dies (``os._exit``) in the run of ``job["die_in"]``, right after pruning the first
+    linear of block 1's second stage."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), SPARSEKIT_DIST_TIMEOUT=TIMEOUT_S)
+    torch.set_num_threads(1)
+    import datetime
+
+    import torch.distributed as dist
+
+    from sparsekit.pipeline import run
+
+    backend = job.get("backend", "gloo")
+    if backend == "nccl":
+        os.environ["NCCL_NVLS_ENABLE"] = "0"
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=int(TIMEOUT_S)))
+    current = [""]
+    if rank == job.get("victim"):
+        real = run._prune_layer
+
+        def die(p, *a, **kw):
+            if current[0] == job["die_in"] and p.block == 1 and "o_proj" in p.name:
+                os._exit(3)
+            return real(p, *a, **kw)
+
+        run._prune_layer = die
+    result: dict = {}
+    for pat in job["patterns"]:
+        current[0] = pat
+        try:
+            result[pat] = _prune(pat, job.get("device", "cpu"), **job.get("kw", {}).get(pat, {}))
+        except Exception as e:  # the test reads it
+            result["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+        torch.save(result, Path(out) / f"rank{rank}.pt")  # what a rank did before it died stays
+        if "error" in result:
+            break
+    if "error" not in result:
+        dist.destroy_process_group()
+
+
+def _spawn(world: int, job: dict, out: Path) -> list[object]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # fork: the children skip re-importing torch and transformers (seconds each); CUDA needs spawn
+    ctx = mp.get_context("spawn" if job.get("backend") == "nccl" else "fork")
+    procs = [ctx.Process(target=_worker, args=(r, world, port, job, str(out))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        if p.is_alive():
+            p.kill()
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) if (out / f"rank{r}.pt").exists() else None
+            for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def one_process() -> dict[str, dict[str, torch.Tensor]]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {pat: _prune(pat) for pat in SEED_PATTERNS}
+    finally:
+        torch.set_num_threads(n)
+
+
+def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name] != 0, want[name] != 0), f"{name}: masks differ"
+        assert torch.equal(got[name], want[name]), f"{name}: weights differ"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ckpt")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, ckpt) -> list:
+    """2 ranks: three patterns in full, then 2:4 with checkpoints, during which rank 1 dies in block 1."""
+    job = {"patterns": SEED_PATTERNS[1:] + ("2:4",), "kw": {"2:4": {"checkpoint_dir": str(ckpt)}},
+           "victim": 1, "die_in": "2:4"}
+    return _spawn(2, job, tmp_path_factory.mktemp("two"))
+
+
+def test_two_ranks_match_one_process(two_ranks, one_process):
+    for r in range(2):
+        for pat in SEED_PATTERNS[1:]:
+            _assert_same(two_ranks[r][pat], one_process[pat])
+
+
+def test_dead_rank_ends_the_job_with_a_clear_error(two_ranks):
+    assert "2:4" not in two_ranks[1] and "error" not in two_ranks[1]  # the victim died without a word
+    err = two_ranks[0]["error"]
+    assert err.startswith("DistributedError") and "--resume" in err, err
+    assert "2:4" not in two_ranks[0]
+
+
+def test_three_ranks_and_resume_match_one_process(two_ranks, ckpt, tmp_path, one_process):
+    """3 ranks: the 2:4 job killed under 2 ranks resumed after block 0, then the three other patterns."""
+    job = {"patterns": ("2:4",) + SEED_PATTERNS[1:], "kw": {"2:4": {"checkpoint_dir": str(ckpt), "resume": True}}}
+    results = _spawn(3, job, tmp_path)
+    for r, res in enumerate(results):
+        assert "error" not in res, f"rank {r}: {res['error']}"
+        for pat in SEED_PATTERNS:
+            _assert_same(res[pat], one_process[pat])
+
+
+def test_batch_ranges_cover_in_order():
+    for n in range(1, 20):
+        for w in range(1, n + 1):
+            ranges = batch_ranges(n, w)
+            assert [a for a, _ in ranges] == [0] + [b for _, b in ranges[:-1]] and ranges[-1][1] == n
+            sizes = [b - a for a, b in ranges]
+            assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+
+
+def test_assign_balances_and_keeps_coupled_methods_whole():
+    from sparsekit.pipeline.blocks import plan_layers
+
+    model = _model()
+    _, _, plans = plan_layers(model, _config("2:4"))
+    stage = [p for p in plans[0] if "self_attn" in p.name and "o_proj" not in p.name]  # q true-obs, k admm, v obs-ord
+    items = assign(stage, 4, 3)
+    parts = {p.name.rsplit(".", 1)[-1]: [(it.start, it.stop) for it in items if it.plan is p] for p in stage}
+    assert parts == {"q_proj": [(0, 16), (16, 32), (32, 48), (48, 64)], "k_proj": [(0, 32)], "v_proj": [(0, 32)]}
+    load = [sum(it.cost for it in items if it.owner == r) for r in range(3)]
+    assert max(load) - min(load) <= max(it.cost for it in items)  # largest-first greedy bound
+    assert assign(stage, 4, 3) == items  # every rank computes the same assignment
+
+
+@pytest.mark.gpu
+def test_one_nccl_rank_matches_the_gpu_run_without_a_group(tmp_path):
+    """On one GPU: the distributed path (NCCL, one rank: row parts, the ordered reduction) against the plain one."""
+    want = {pat: _prune(pat, "cuda:0") for pat in SEED_PATTERNS}
+    (got,) = _spawn(1, {"patterns": SEED_PATTERNS, "backend": "nccl", "device": "cuda:0"}, tmp_path)
+    assert "error" not in got, got["error"]
+    for pat in SEED_PATTERNS:
+        _assert_same(got[pat], want[pat])
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo process group of one rank in this process (cheap: no spawn)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+    dist.destroy_process_group()
+
+
+def test_one_rank_group_matches_one_process(one_rank_group, one_process):
+    _assert_same(_prune("rowpair-16"), one_process["rowpair-16"])
+
+
+def test_group_refuses_prune_devices(one_rank_group):
+    import dataclasses
+
+    from sparsekit.errors import InputError
+    from sparsekit.pipeline.run import prune_model_
+
+    cfg = dataclasses.replace(_config("2:4"), rules=(), prune_devices=["cpu", "cpu"])
+    with pytest.raises(InputError, match="prune_devices"):
+        prune_model_(_model(), cfg, _calib())
+
+
+def test_a_pruner_error_on_its_owner_reaches_every_rank(one_rank_group):
+    """The owner's error is raised after the exchange (no rank is left waiting); the weight stays as it was."""
+    from sparsekit.errors import HessianError
+    from sparsekit.pipeline.blocks import plan_layers
+    from sparsekit.pipeline.distributed import Group
+
+    model = _model()
+    _, _, plans = plan_layers(model, _config("2:4"))
+    q = plans[0][0]
+    before = q.module.weight.detach().clone()
+    H = torch.eye(64)
+    H[0, 1] = 1.0  # not symmetric: prune_weight refuses it
+    with pytest.raises(HessianError, match="not symmetric"):
+        Group(6, torch.device("cpu")).prune([q], H, _config("2:4"))
+    assert torch.equal(q.module.weight, before)
+
+
+def test_fewer_batches_than_ranks_is_refused(one_rank_group, monkeypatch):
+    import torch.distributed as dist
+
+    from sparsekit.errors import InputError
+    from sparsekit.pipeline.distributed import Group
+
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 3)
+    with pytest.raises(InputError, match="at least 3 batches"):
+        Group(2, torch.device("cpu"))
