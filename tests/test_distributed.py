@@ -204,8 +204,15 @@ def test_one_nccl_rank_matches_the_gpu_run_without_a_group(tmp_path):
     want = {pat: _prune(pat, "cuda:0") for pat in SEED_PATTERNS}
     (got,) = _spawn(1, {"patterns": SEED_PATTERNS, "backend": "nccl", "device": "cuda:0"}, tmp_path)
     assert "error" not in got, got["error"]
+    # cuBLAS picks its kernels by the batch's shape, so row parts round differently from the whole linear (as the
+    # memory planner's chunks do, tests/test_memory.py): the masks must agree exactly, the weights to float32
+    # rounding of the compensation (on the CPU the tests above assert bit identity)
     for pat in SEED_PATTERNS:
-        _assert_same(got[pat], want[pat])
+        assert got[pat].keys() == want[pat].keys()
+        for name, w in want[pat].items():
+            g = got[pat][name]
+            assert torch.equal(g != 0, w != 0), f"{pat} {name}: masks differ"
+            assert float((g.double() - w.double()).norm() / w.double().norm()) < 1e-5, f"{pat} {name}"
 
 
 @pytest.fixture

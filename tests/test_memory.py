@@ -261,7 +261,7 @@ def test_oom_in_admm_refit_is_retried(monkeypatch):
 @pytest.fixture
 def capped_gpu():
     """Cap this process at 3 GiB of the device (restored after), with an empty cache."""
-    dev = torch.device("cuda")
+    dev = torch.device("cuda", torch.cuda.current_device())  # the fraction getter needs an index
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(dev).total_memory
     cap = 3 * 2**30
