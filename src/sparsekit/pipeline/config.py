@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 
 from sparsekit.hessian import DEFAULT_DAMP
 from sparsekit.errors import InputError
+from sparsekit.memory import parse_bytes
 from sparsekit.parallel import parse_devices
 from sparsekit.patterns import Pattern
 from sparsekit.pruners import METHODS
@@ -93,6 +94,10 @@ class PruneConfig:
         prune_devices: split every layer's rows across these devices for pruning (``prune_weight(devices=...)``,
             e.g. ``("cuda:0", "cuda:1")``); only for the methods whose rows are independent
             (:data:`sparsekit.parallel.ROW_SEPARABLE`). ``None``: prune on ``device``.
+        max_memory: the memory budget of the whole run on ``device``, bytes or a string like ``"24GiB"``
+            (:func:`sparsekit.memory.parse_bytes`; stored as bytes). On CUDA a cap on the process's allocated
+            bytes; on the CPU on what the pipeline holds for a block plus what ``prune_weight`` allocates.
+            ``None``: what the device can give. See :mod:`sparsekit.pipeline.budget`.
     """
 
     pattern: "str | Pattern" = DEFAULT_PATTERN
@@ -107,6 +112,7 @@ class PruneConfig:
     batch_size: int = 8
     offload_activations: bool = False
     prune_devices: Sequence[str] | None = None
+    max_memory: "int | str | None" = None
 
     def __post_init__(self) -> None:
         if self.sequential not in ("layer", "block"):
@@ -118,9 +124,12 @@ class PruneConfig:
             object.__setattr__(self, "prune_devices", tuple(self.prune_devices))
             for method in {self.method, *(r.method for r in self.rules if r.method not in (None, SKIP))}:
                 parse_devices(self.prune_devices, method)  # InputError unless every method is row-separable
+        if self.max_memory is not None:
+            object.__setattr__(self, "max_memory", parse_bytes(self.max_memory))  # InputError naming the format
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form; excludes where it runs (device, batch size, offload), which does not change the result."""
+        """JSON form; excludes where it runs (device, batch size, offload, max_memory), which does not change the
+        result."""
         return {
             "pattern": pattern_name(self.pattern),
             "method": self.method,

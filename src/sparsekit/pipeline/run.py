@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from sparsekit.api import prune_weight
 from sparsekit.errors import InputError
 from sparsekit.hessian import HessianAccumulator
+from sparsekit.pipeline.budget import H_ENTRY_BYTES, layer_max_memory, module_bytes, plan_memory, tensor_bytes
 from sparsekit.pipeline.blocks import (
     BatchInputs,
     HessianHooks,
@@ -140,7 +141,9 @@ def prune_model_(
     path, blocks, plans = plan_layers(model, config)
     n_blocks = len(blocks)
     device = torch.device(config.device) if config.device else module_device(model)
-    act_device = torch.device("cpu") if config.offload_activations else device
+    offload, memory = plan_memory(model, blocks, [p.module for bp in plans for p in bp if not p.skipped], calibration,
+                                  config, device, config.offload_activations)
+    act_device = torch.device("cpu") if offload else device
     num_tokens = int(attention_mask.sum()) if attention_mask is not None else calibration.numel()
     report = ModelReport(
         model=type(model).__name__,
@@ -149,6 +152,7 @@ def prune_model_(
         config=config.to_dict(),
         calibration={"num_sequences": calibration.shape[0], "seq_len": calibration.shape[1], "num_tokens": num_tokens},
     )
+    report.extra["memory"] = memory
 
     def emit(event: str, block: int, **kw: Any) -> None:
         if progress_fn is not None:
@@ -222,7 +226,8 @@ def _prune_block(
     report: ModelReport,
     emit: Callable[..., None],
 ) -> list[Tensor]:
-    """Calibrate, prune and run one block; returns its outputs on the calibration batches (the next inputs)."""
+    """Calibrate, prune and run one block; returns its outputs on the calibration batches (the next inputs),
+    written over ``hidden`` batch by batch."""
     emit("block_start", i, num_layers=len(plans))
     home = module_device(block)
     block.to(device)
@@ -260,9 +265,8 @@ def _calibrate_prune_run(
     )
     stages = _stages(active, order, seen, config.sequential)
     calls = {name: len(xs) for name, xs in seen.items()}  # calls per forward of each linear
-    del seen
 
-    for stage in stages:
+    for s, stage in enumerate(stages):
         accs: list[HessianAccumulator | None] = [
             HessianAccumulator(group[0].module.in_features, torch.float32, device) for group in stage
         ]
@@ -271,25 +275,34 @@ def _calibrate_prune_run(
         if any(calls.get(g[0].name, 0) == 0 for g in stage):
             expected = 0  # some linear is not reached: run whole passes
         with HessianHooks([(g[0].module, acc) for g, acc in zip(stage, accs)], expected) as hooks:
-            for h, inp in zip(hidden, batches):
+            for j, (h, inp) in enumerate(zip(hidden, batches)):
                 hooks.batch(inp.token_mask)
+                if s == 0 and j == 0:  # the probe ran this batch through the same (dense) block: reuse its inputs
+                    for g, acc in zip(stage, accs):
+                        for x in seen.get(g[0].name, ()):
+                            hooks.add(acc, x)
+                    continue
                 try:
                     run_block(block, h, inp.block(i), device)
                 except StopForward:
                     pass
+        seen.clear()
         for g, group in enumerate(stage):
-            acc = accs[g]
-            H = acc.hessian if acc.num_tokens else None  # (K, K)
-            accs[g] = None  # free Σxxᵀ now; H goes right after the group
+            acc, accs[g] = accs[g], None
+            tokens = acc.num_tokens
+            H = acc.hessian if tokens else None  # (K, K)
+            del acc  # free Σxxᵀ now; H goes right after the group
             for p in group:
-                report.layers.append(_prune_layer(p, H, acc.num_tokens, config, index[p.name], n_layers, emit))
-            del H, acc
+                held = module_bytes(block) + tensor_bytes(hidden) + (0 if H is None else H.nbytes) + sum(
+                    a.num_features ** 2 * H_ENTRY_BYTES for a in accs if a is not None)
+                mem = layer_max_memory(config.max_memory, device, held)
+                report.layers.append(_prune_layer(p, H, tokens, config, index[p.name], n_layers, emit, mem))
+            del H
         del accs
 
-    outputs = []
-    for h, inp in zip(hidden, batches):
-        outputs.append(run_block(block, h, inp.block(i), device).detach().to(act_device))
-    return outputs
+    for j, inp in enumerate(batches):  # the outputs replace the inputs batch by batch: one set held, not two
+        hidden[j] = run_block(block, hidden[j], inp.block(i), device).detach().to(act_device)
+    return hidden
 
 
 def _prune_layer(
@@ -300,6 +313,7 @@ def _prune_layer(
     index: int,
     n_layers: int,
     emit: Callable[..., None],
+    max_memory: int | None = None,
 ) -> LayerReport:
     M, K = p.module.weight.shape
     pat = pattern_name(p.pattern)
@@ -317,7 +331,7 @@ def _prune_layer(
     res = prune_weight(
         p.module.weight.data, H, p.pattern, p.method,
         damp=config.damp, damp_mode=config.damp_mode, inplace=True, progress_fn=method_progress,
-        devices=config.prune_devices, **p.options,
+        devices=config.prune_devices, max_memory=max_memory, **p.options,
     )
     note = ""
     dead = int((H.diagonal() == 0).sum())
