@@ -124,6 +124,7 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
         batch_size=args.batch_size,
         offload_activations=args.offload,
         prune_devices=args.prune_devices,
+        max_memory=args.max_memory,
     )
 
 
@@ -224,6 +225,9 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--prune-devices", nargs="+", default=None, metavar="DEV",
                    help="split each layer's rows across these devices for pruning (e.g. cuda:0 cuda:1); methods "
                         "whose rows are independent only (sparsegpt, true-obs, ...)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget of the run on --device, e.g. 24GiB or 500MB (default: what the device can "
+                        "give); every layer's chunks are planned from it")
     p.add_argument("--out", default=None, help="output directory (default: ./sparsekit-out/MODEL-PATTERN)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted job from its last finished block")
     p.add_argument("--overwrite", action="store_true", help="replace a pruned model already in --out (else an error)")

@@ -35,7 +35,10 @@ from sparsekit.memory import device_budget, format_bytes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["H_ENTRY_BYTES", "PipelineMemory", "module_bytes", "tensor_bytes", "plan_memory", "layer_max_memory"]
+__all__ = [
+    "H_ENTRY_BYTES", "PipelineMemory", "module_bytes", "tensor_bytes", "plan_memory", "layer_max_memory",
+    "pipeline_resource_error",
+]
 
 #: bytes per Hessian entry: the pipeline accumulates ``H`` in float32
 H_ENTRY_BYTES = 4
@@ -142,3 +145,20 @@ def layer_max_memory(max_memory: int | None, device: torch.device, held: int) ->
         )
     return left
 
+
+
+def pipeline_resource_error(err: ResourceError, layer: str, max_memory: int | None, device: torch.device,
+                            held: int) -> ResourceError:
+    """``err`` (a layer's :class:`ResourceError`) restated for ``prune_model_``'s ``max_memory``: the layer's
+    ``needed`` plus what the pipeline held (on CUDA: the process's allocated bytes, which the method's budget
+    subtracted)."""
+    if err.needed is None:
+        return ResourceError(f"{layer}: {err}", needed=None, budget=max_memory)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else held
+    needed = err.needed + base
+    return ResourceError(
+        f"{layer}: {err} The pipeline holds {format_bytes(base)} besides (the block, its activations, the "
+        f"Hessians): pass max_memory >= {format_bytes(needed)} ({needed} bytes) to prune_model_ (--max-memory), "
+        "or a smaller batch_size / fewer calibration tokens.",
+        needed=needed, budget=max_memory,
+    )

@@ -42,9 +42,16 @@ import torch
 from torch import Tensor, nn
 
 from sparsekit.api import prune_weight
-from sparsekit.errors import InputError
+from sparsekit.errors import InputError, ResourceError
 from sparsekit.hessian import HessianAccumulator
-from sparsekit.pipeline.budget import H_ENTRY_BYTES, layer_max_memory, module_bytes, plan_memory, tensor_bytes
+from sparsekit.pipeline.budget import (
+    H_ENTRY_BYTES,
+    layer_max_memory,
+    module_bytes,
+    pipeline_resource_error,
+    plan_memory,
+    tensor_bytes,
+)
 from sparsekit.pipeline.blocks import (
     BatchInputs,
     HessianHooks,
@@ -296,7 +303,10 @@ def _calibrate_prune_run(
                 held = module_bytes(block) + tensor_bytes(hidden) + (0 if H is None else H.nbytes) + sum(
                     a.num_features ** 2 * H_ENTRY_BYTES for a in accs if a is not None)
                 mem = layer_max_memory(config.max_memory, device, held)
-                report.layers.append(_prune_layer(p, H, tokens, config, index[p.name], n_layers, emit, mem))
+                try:
+                    report.layers.append(_prune_layer(p, H, tokens, config, index[p.name], n_layers, emit, mem))
+                except ResourceError as e:
+                    raise pipeline_resource_error(e, p.name, config.max_memory, device, held) from None
             del H
         del accs
 
