@@ -50,19 +50,23 @@ def main() -> None:
     kw = {} if a.max_memory is None else {"max_memory": a.max_memory}
     cfg = PruneConfig(method=a.method, options={}, device=a.device, sequential=a.sequential, **kw)
     prof = cProfile.Profile() if a.profile else None
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if prof:
         prof.enable()
     rep = prune_model_(model, cfg, calib)
     if prof:
         prof.disable()
-    total = time.perf_counter() - t0
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
     inside = sum(r.time_s or 0.0 for r in rep.layers)
     print(f"{a.method} {a.blocks} blocks d={a.hidden} ffn={a.ffn} {a.samples}x{a.seq_len} tokens on {a.device}: "
           f"total {total:.2f} s, prune_weight {inside:.2f} s ({inside / total:.0%}), outside {total - inside:.2f} s "
-          f"({(total - inside) / total:.0%})")
+          f"({(total - inside) / total:.0%}); process CPU time {cpu:.2f} s")
     if prof:
-        pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+        st = pstats.Stats(prof)
+        counts = {f[2]: v[1] for f, v in st.stats.items()  # type: ignore[attr-defined]
+                  if f[2] in ("run_block", "add") or f[2].endswith(("_nn.linear>", "scaled_dot_product_attention>"))}
+        print("calls:", counts)
+        st.sort_stats("cumulative").print_stats(25)
     if a.save:
         torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, a.save)
 

@@ -190,8 +190,9 @@ def _plan(monkeypatch: pytest.MonkeyPatch, usable: int, offload: bool = False) -
 def test_cuda_plan_offloads_activations_only_when_they_do_not_fit(monkeypatch, caplog) -> None:
     _, rec = _plan(monkeypatch, 2**40)
     est = budget_mod.PipelineMemory(**rec["estimate"])
-    # the model is on the CPU: its block moves to the device, so it counts; activations n_tokens x d float32
-    assert est.block > 0 and est.activations == 6 * 16 * 32 * 4 and est.hessians == 64 * 64 * 4
+    # the model is on the CPU: its block moves to the device, so it counts; activations: n_tokens x d float32,
+    # twice in layer-sequential mode (the finished attention's outputs are kept)
+    assert est.block > 0 and est.activations == 2 * 6 * 16 * 32 * 4 and est.hessians == 64 * 64 * 4
     assert _plan(monkeypatch, est.total(offload=False))[0] is False
     with caplog.at_level(logging.WARNING):
         off, rec = _plan(monkeypatch, est.total(offload=False) - 1)
@@ -258,3 +259,20 @@ def test_half_inputs_hessian_on_cuda_matches_float64() -> None:
     ref = x.double().reshape(-1, 384)
     ref = ref.T @ ref / ref.shape[0]
     torch.testing.assert_close(acc.hessian.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_finished_attention_is_not_recomputed_in_later_passes() -> None:
+    """Layer-sequential Llama, 2 batches: q_proj runs in the probe (1 batch), the q/k/v pass (the probe's batch
+    reused: 1), the o pass (2) and the gate/up pass (2, which stores the finished attention's outputs); the down
+    pass and the output pass reuse them: 6 calls instead of 1 + 5 × 2 = 11."""
+    model = tiny()
+    _, blocks = find_blocks(model)
+    q = blocks[0].self_attn.q_proj
+    runs: list[int] = []
+    handle = q.register_forward_hook(lambda mod, args, out: runs.append(args[0].shape[0]))
+    try:
+        prune_model_(model, PruneConfig(method="sparsegpt", options={}, batch_size=4), ids())
+    finally:
+        handle.remove()
+    assert len(runs) == 6, runs
+    assert "forward" not in blocks[0].self_attn.__dict__  # the wrappers are gone

@@ -2,7 +2,8 @@
 the device besides ``prune_weight``'s own work, whether that fits, and the budget each ``prune_weight`` call gets.
 
 While a layer is pruned the pipeline holds, on ``config.device``: the block's weights, the calibration hidden
-states (one set, ``n_tokens × d``: each block's outputs replace its inputs batch by batch), the Hessians of
+states (one set, ``n_tokens × d``: each block's outputs replace its inputs batch by batch; with
+``sequential="layer"`` one more for the finished children's outputs, :mod:`sparsekit.pipeline.reuse`), the Hessians of
 the current stage (``K²`` float32 each) and, during the forwards, one batch's temporaries. Before the first
 block :func:`plan_memory` estimates these bytes (:class:`PipelineMemory`) and compares them with the budget
 (:func:`sparsekit.memory.device_budget` of ``config.max_memory``):
@@ -65,7 +66,7 @@ class PipelineMemory:
     """Estimated bytes the pipeline holds on the device at once, besides ``prune_weight``'s work."""
 
     block: int  # the largest block's weights and buffers (0 if the blocks already live on the device)
-    activations: int  # one set of calibration hidden states, n_tokens × d
+    activations: int  # calibration hidden states, n_tokens × d: one set, two with "layer" (:mod:`.reuse`'s store)
     hessians: int  # the H accumulators alive together (largest stage)
     working: int  # one batch: its hidden states in and out, the widest linear's activations, the fp32 copy of H's input
 
@@ -84,7 +85,8 @@ def _estimate(
     hessians = (max(h) if sequential == "layer" else sum(h)) if h else 0
     widest = max((max(m.in_features, m.out_features) for m in linears), default=d)
     working = batch_tokens * (2 * d * elem + 3 * widest * elem + widest * H_ENTRY_BYTES)
-    return PipelineMemory(block, num_tokens * d * elem, hessians, working)
+    sets = 2 if sequential == "layer" else 1
+    return PipelineMemory(block, sets * num_tokens * d * elem, hessians, working)
 
 
 def plan_memory(
@@ -99,8 +101,8 @@ def plan_memory(
     emb = getattr(model, "get_input_embeddings", lambda: None)()
     ref = emb.weight if isinstance(emb, nn.Embedding) else next(iter(blocks.parameters()))
     d = emb.embedding_dim if isinstance(emb, nn.Embedding) else (linears[0].in_features if linears else 1)
-    on_device = ref.device.type == device.type and (
-        device.type != "cuda" or ref.device.index == (device.index if device.index is not None else torch.cuda.current_device()))
+    index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
+    on_device = ref.device.type == device.type and (device.type != "cuda" or ref.device.index == index)
     seq_len = calibration.shape[1]
     mem = _estimate(blocks, linears, calibration.numel(), min(config.batch_size, calibration.shape[0]) * seq_len, d,
                     ref.dtype, config.sequential, on_device)

@@ -65,6 +65,7 @@ from sparsekit.pipeline.blocks import (
 )
 from sparsekit.pipeline.checkpoint import CKPT_VERSION, Checkpointer, fingerprint
 from sparsekit.pipeline.config import PruneConfig, pattern_name
+from sparsekit.pipeline.reuse import ChildOutputCache, unwrap
 from sparsekit.pipeline.report import REPORT_FILE, LayerReport, ModelReport, Progress, ProgressFn
 
 log = logging.getLogger(__name__)
@@ -241,6 +242,7 @@ def _prune_block(
     try:
         return _calibrate_prune_run(i, block, plans, hidden, batches, config, device, act_device, report, emit)
     finally:
+        unwrap(block)
         block.to(home)  # one block on the device at a time, even when a layer fails
 
 
@@ -272,6 +274,10 @@ def _calibrate_prune_run(
     )
     stages = _stages(active, order, seen, config.sequential)
     calls = {name: len(xs) for name, xs in seen.items()}  # calls per forward of each linear
+    # layer-sequential: finished children's outputs are reused by the later passes (kept on the device: not
+    # when the activations are offloaded, i.e. when memory is short)
+    reuse = (ChildOutputCache(block, active, order, hidden[0].shape[-1]).install()
+             if config.sequential == "layer" and act_device == device else None)
 
     for s, stage in enumerate(stages):
         accs: list[HessianAccumulator | None] = [
@@ -284,6 +290,8 @@ def _calibrate_prune_run(
         with HessianHooks([(g[0].module, acc) for g, acc in zip(stage, accs)], expected) as hooks:
             for j, (h, inp) in enumerate(zip(hidden, batches)):
                 hooks.batch(inp.token_mask)
+                if reuse is not None:
+                    reuse.batch = j
                 if s == 0 and j == 0:  # the probe ran this batch through the same (dense) block: reuse its inputs
                     for g, acc in zip(stage, accs):
                         for x in seen.get(g[0].name, ()):
@@ -300,8 +308,9 @@ def _calibrate_prune_run(
             H = acc.hessian if tokens else None  # (K, K)
             del acc  # free Σxxᵀ now; H goes right after the group
             for p in group:
-                held = module_bytes(block) + tensor_bytes(hidden) + (0 if H is None else H.nbytes) + sum(
-                    a.num_features ** 2 * H_ENTRY_BYTES for a in accs if a is not None)
+                held = (module_bytes(block) + tensor_bytes(hidden) + (0 if H is None else H.nbytes)
+                        + sum(a.num_features ** 2 * H_ENTRY_BYTES for a in accs if a is not None)
+                        + (reuse.nbytes if reuse is not None else 0))
                 mem = layer_max_memory(config.max_memory, device, held)
                 try:
                     report.layers.append(_prune_layer(p, H, tokens, config, index[p.name], n_layers, emit, mem))
@@ -309,8 +318,12 @@ def _calibrate_prune_run(
                     raise pipeline_resource_error(e, p.name, config.max_memory, device, held) from None
             del H
         del accs
+        if reuse is not None:
+            reuse.finished([p.name for group in stage for p in group])
 
     for j, inp in enumerate(batches):  # the outputs replace the inputs batch by batch: one set held, not two
+        if reuse is not None:
+            reuse.batch = j
         hidden[j] = run_block(block, hidden[j], inp.block(i), device).detach().to(act_device)
     return hidden
 
