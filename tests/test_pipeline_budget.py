@@ -276,3 +276,20 @@ def test_finished_attention_is_not_recomputed_in_later_passes() -> None:
         handle.remove()
     assert len(runs) == 6, runs
     assert "forward" not in blocks[0].self_attn.__dict__  # the wrappers are gone
+
+
+@pytest.mark.gpu
+def test_cuda_run_offloaded_by_the_plan_gives_identical_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA (bf16): a budget the activations do not fit offloads them (and turns the reuse of finished
+    children off); the pruned weights are those of the unconstrained run, bit for bit."""
+    free = tiny(dtype=torch.bfloat16)
+    r_free = prune_model_(free, PruneConfig(method="sparsegpt", options={}, device="cuda"), ids())
+    assert r_free.extra["memory"]["offload_activations"] is False
+    est = budget_mod.PipelineMemory(**r_free.extra["memory"]["estimate"])
+    usable = est.total(offload=True)
+    monkeypatch.setattr(budget_mod, "device_budget", lambda device, cap: Budget(usable, usable, "test"))
+    off = tiny(dtype=torch.bfloat16)
+    r_off = prune_model_(off, PruneConfig(method="sparsegpt", options={}, device="cuda"), ids())
+    assert r_off.extra["memory"]["offload_activations"] is True
+    a, b = linears(free), linears(off)
+    assert all(torch.equal(a[n], b[n]) for n in a)
