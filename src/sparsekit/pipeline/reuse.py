@@ -13,7 +13,7 @@ Only outputs the size of the block's hidden states are kept (one more set of act
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from torch import Tensor, nn
 
@@ -30,20 +30,23 @@ class ChildOutputCache:
     caller removes them with :func:`unwrap` (in a ``finally``), which also frees the stored outputs.
     """
 
-    def __init__(self, block: nn.Module, plans: Sequence[LayerPlan], order: Sequence[str], width: int):
+    def __init__(
+        self, block: nn.Module, plans: Sequence[LayerPlan], order: Sequence[str], calls: Mapping[str, int], width: int
+    ):
         pos = {name: k for k, name in enumerate(order)}
         self._order = list(order)
         self._width = width
         self._children: list[tuple[nn.Module, int]] = []  # (child, position of its last linear in ``order``)
         for child in block.children():
             inside = {id(m) for m in child.modules()}
-            last = [pos[p.name] for p in plans if id(p.module) in inside and p.name in pos]
-            if last:
-                self._children.append((child, max(last)))
+            names = [p.name for p in plans if id(p.module) in inside and p.name in pos]
+            # a child called more than once per forward (its linears too) has no single output per batch
+            if names and all(calls.get(n) == 1 for n in names):
+                self._children.append((child, max(pos[n] for n in names)))
         self._store: list[dict[int, Any]] = [{} for _ in self._children]
+        self._done: set[str] = set()
         self._final_upto = 0  # the first ``_final_upto`` linears of ``order`` are pruned
         self.batch = 0
-        self.hits = 0
 
     @property
     def nbytes(self) -> int:
@@ -57,8 +60,8 @@ class ChildOutputCache:
 
     def finished(self, names: Sequence[str]) -> None:
         """Linears ``names`` are pruned (final) from now on."""
-        done = set(self._order[: self._final_upto]) | set(names)
-        while self._final_upto < len(self._order) and self._order[self._final_upto] in done:
+        self._done.update(names)
+        while self._final_upto < len(self._order) and self._order[self._final_upto] in self._done:
             self._final_upto += 1
 
     def _wrap(self, k: int, child: nn.Module, last: int) -> Callable[..., Any]:
@@ -67,7 +70,6 @@ class ChildOutputCache:
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             if self.batch in store:
-                self.hits += 1
                 return _map_tensors(store[self.batch], Tensor.clone)  # a copy: callers may write into it
             out = inner(*args, **kwargs)
             first = out[0] if isinstance(out, (tuple, list)) and out else out

@@ -276,7 +276,7 @@ def _calibrate_prune_run(
     calls = {name: len(xs) for name, xs in seen.items()}  # calls per forward of each linear
     # layer-sequential: finished children's outputs are reused by the later passes (kept on the device: not
     # when the activations are offloaded, i.e. when memory is short)
-    reuse = (ChildOutputCache(block, active, order, hidden[0].shape[-1]).install()
+    reuse = (ChildOutputCache(block, active, order, calls, hidden[0].shape[-1]).install()
              if config.sequential == "layer" and act_device == device else None)
 
     for s, stage in enumerate(stages):
