@@ -1,6 +1,6 @@
 """Whole-model pruning at real model shapes under memory budgets (issue 14), through ``prune_model_``.
 
-    PYTHONPATH=src python3 benchmarks/model_scale.py [--shapes qwen3-4b,llama3-8b,llama3-70b-block,seed-layer]
+    PYTHONPATH=src python3 benchmarks/model_scale.py [--quick] [--shapes qwen3-4b,llama3-8b,llama3-70b-block,seed-layer]
         [--methods sparsegpt,true-obs-16,true-obs-256,admm] [--budgets 24,48,80,0] [--blocks 2]
         [--samples 128] [--seq-len 2048] [--max-seconds 300] [--model-device cuda|cpu] [--out DIR] [--tiny]
 
@@ -16,6 +16,13 @@ model from the blocks after the first (the first if there is only one), and reco
 recorded as ``timeout`` with the blocks it finished; a failure is recorded with its error type and message.
 The pseudo-shape ``seed-layer`` times ``prune_weight`` alone on the seed's layer (``seed_shape_layer``, 2560 ×
 9728) after a warm-up, e.g. with ``--methods true-obs-default`` (``prune_weight``'s defaults) under the budgets.
+
+The budget reaches the pipeline twice: as ``PruneConfig.max_memory`` (the planner's budget, passed to every
+``prune_weight`` call) and as the process's memory fraction (the hard cap the allocator enforces). Each case
+records its time per block inside ``prune_weight`` and outside it, the peaks, the planner's chunk per layer
+(``chunk_size``; ADMM: ``refit_chunk_size``), the OOM retries and the pipeline's memory plan
+(``memory_plan``: estimate, budget, whether the activations were offloaded). ``--quick`` runs the preset
+:data:`QUICK` (≈ 9 min on one H200, each case with its own time limit).
 
 Writes ``model_scale.json`` (and one ``case_*.json`` per case) to ``--out`` (default ``$OUT``, else
 ``benchmarks/results/model_scale``) and prints a Markdown table last. ``--tiny`` runs small configs on the CPU
@@ -55,6 +62,21 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 #: the seed's layer (``seed_shape_layer``: W 2560 × 9728, synthetic H), pruned by ``prune_weight`` alone
 SEED_LAYER = "seed-layer"
+#: ``--quick``: (shape, method, budget GiB (0: whole GPU), blocks, seconds before the case is killed); ≤ 540 s
+QUICK: list[tuple[str, str, float, int, float]] = [
+    ("llama3-8b", "sparsegpt", 0, 2, 35),
+    ("llama3-8b", "true-obs-256", 0, 2, 60),
+    ("llama3-8b", "admm", 0, 2, 60),
+    ("llama3-8b", "sparsegpt", 24, 2, 35),
+    ("llama3-8b", "true-obs-256", 24, 2, 65),
+    ("llama3-8b", "admm", 24, 2, 65),
+    ("llama3-8b", "true-obs-16", 0, 1, 75),
+    ("qwen3-4b", "sparsegpt", 24, 2, 25),
+    ("qwen3-4b", "true-obs-16", 24, 2, 35),
+    ("qwen3-4b", "true-obs-256", 24, 2, 30),
+    ("qwen3-4b", "admm", 24, 2, 30),
+    (SEED_LAYER, "true-obs-default", 24, 1, 20),
+]
 VOCAB = 1024
 GIB = 2**30
 
@@ -89,6 +111,11 @@ def build_model(shape: tuple[str, int, int, int, int, int, int], blocks: int, de
     return model.eval()
 
 
+def _max_memory(case: dict[str, Any]) -> str | None:
+    """The case's budget as ``max_memory`` (``None``: the whole device); the memory fraction stays the hard cap."""
+    return f"{case['budget_gib']:g}GiB" if case["budget_gib"] else None
+
+
 def run_case(case: dict[str, Any], path: str) -> None:
     """The child: run one case, rewriting ``path`` (JSON) after every block so a killed case keeps its blocks."""
     import torch
@@ -120,7 +147,8 @@ def run_case(case: dict[str, Any], path: str) -> None:
     calib = torch.randint(0, VOCAB, (case["samples"], case["seq_len"]), generator=g)
     rec["build_s"] = time.perf_counter() - t0
     method, options = METHODS[case["method"]]
-    config = PruneConfig(pattern="2:4", method=method, options=options, device=case["device"])
+    config = PruneConfig(pattern="2:4", method=method, options=options, device=case["device"],
+                         max_memory=_max_memory(case))
     cur: dict[str, Any] = {}
 
     def progress(ev: Any) -> None:
@@ -133,6 +161,7 @@ def run_case(case: dict[str, Any], path: str) -> None:
             st = ev.report.stats or {}
             cur["layers"].append({"name": ev.report.name, "shape": list(ev.report.shape), "time_s": ev.report.time_s,
                                   "loss": ev.report.loss, "chunk_size": st.get("chunk_size"),
+                                  "refit_chunk_size": st.get("refit_chunk_size"),
                                   "oom_retries": st.get("oom_retries", 0) + st.get("refit_oom_retries", 0)})
         elif ev.event == "block_done":
             total_s = now - cur["t"]
@@ -144,8 +173,9 @@ def run_case(case: dict[str, Any], path: str) -> None:
         torch.cuda.reset_peak_memory_stats()
     t1 = time.perf_counter()
     try:
-        prune_model_(model, config, calib, progress)
+        report = prune_model_(model, config, calib, progress)
         rec["status"] = "ok"
+        rec["memory_plan"] = report.extra.get("memory")
     except Exception as exc:  # recorded, not raised: the table shows what failed and why
         rec["status"] = type(exc).__name__
         rec["error"] = str(exc).splitlines()[0][:400] if str(exc) else ""
@@ -164,11 +194,12 @@ def run_layer_case(case: dict[str, Any], rec: dict[str, Any], save: Any) -> None
     method, options = METHODS[case["method"]]
     cuda = case["device"] == "cuda"
     try:
-        prune_weight(layer.weight[:64], layer.hessian, "2:4", method, **options)
+        mem = _max_memory(case)
+        prune_weight(layer.weight[:64], layer.hessian, "2:4", method, max_memory=mem, **options)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        res = prune_weight(layer.weight, layer.hessian, "2:4", method, **options)
+        res = prune_weight(layer.weight, layer.hessian, "2:4", method, max_memory=mem, **options)
         rec["status"] = "ok"
         rec["blocks"] = [{"block": 0, "time_s": res.time_s, "inside_prune_weight_s": res.time_s, "outside_s": 0.0,
                           "layers": [{"name": "seed", "shape": list(layer.weight.shape), "time_s": res.time_s,
@@ -206,6 +237,24 @@ def _cell(rec: dict[str, Any]) -> str:
     return txt if rec["status"] == "ok" else f"**{rec['status']}** after {len(rec['blocks'])} block(s): {txt}"
 
 
+def _detail_row(rec: dict[str, Any]) -> str:
+    """One case: status, time split, peaks, the planner's chunk per layer, OOM retries."""
+    s = rec["summary"]
+    fmt = lambda v, f="{:.1f}": "—" if v is None else f.format(v)  # noqa: E731
+    layers = rec["blocks"][0]["layers"] if rec.get("blocks") else []
+    chunks = " ".join(
+        f"{lay['name'].rsplit('.', 1)[-1]}:" + ("" if lay.get("chunk_size") is not None else "refit ")
+        + str(lay["chunk_size"] if lay.get("chunk_size") is not None else lay["refit_chunk_size"])
+        for lay in layers if lay.get("chunk_size") is not None or lay.get("refit_chunk_size") is not None) or "—"
+    retries = sum(lay.get("oom_retries") or 0 for b in rec.get("blocks", []) for lay in b["layers"])
+    budget = "whole GPU" if not rec["budget_gib"] else f"{rec['budget_gib']:g} GiB"
+    peak = f"{fmt(rec.get('peak_allocated_gib'))} / {fmt(rec.get('peak_reserved_gib'))}"
+    status = rec["status"] + (f" ({rec['error'][:80]})" if rec.get("error") else "")
+    return (f"| {rec['shape']} | {budget} | {rec['method']} | {status} | {fmt(s['per_block_s'], '{:.2f}')} | "
+            f"{fmt(s['inside_s'], '{:.2f}')} | {fmt(s['outside_s'], '{:.2f}')} | {peak} | {chunks} | {retries} | "
+            f"{rec.get('wall_s', 0):.0f} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default=None,
@@ -220,6 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model-device", default=None, help="where the model lives (default: the pruning device)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--tiny", action="store_true", help="small configs on the CPU (smoke test)")
+    ap.add_argument("--quick", action="store_true",
+                    help="the preset of QUICK (≈ 9 min on one H200; each case has its own time limit); ignores "
+                         "--shapes/--methods/--budgets/--blocks/--max-seconds")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # child mode: JSON case
     ap.add_argument("--case-out", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -251,45 +303,62 @@ def main(argv: list[str] | None = None) -> None:
     env = dict(os.environ)
     src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    if a.quick:
+        plan = QUICK
+        if device != "cuda":  # no budgets on the CPU; --tiny: the small shapes
+            small = {"llama3-8b": "llama-tiny", "qwen3-4b": "qwen3-tiny"} if a.tiny else {}
+            plan = list({(small.get(sh, sh), m): (small.get(sh, sh), m, 0.0, n, t * 4)
+                         for sh, m, b, n, t in QUICK}.values())
+        shapes = list(dict.fromkeys(sh for sh, *_ in plan))
+        methods = list(dict.fromkeys(m for _, m, *_ in plan))
+        budgets = list(dict.fromkeys(float(b) for _, _, b, *_ in plan))
+    else:
+        plan = [(sh, m, b, a.blocks, a.max_seconds) for sh in shapes for b in budgets for m in methods]
     results = []
-    for shape in shapes:
-        for budget in budgets:
-            for method in methods:
-                case = {"shape": shape, "method": method, "budget_gib": budget, "device": device,
-                        "model_device": a.model_device or device, "num_blocks": a.blocks, "samples": samples,
-                        "seq_len": seq_len, "tiny": a.tiny}
-                path = os.path.join(out, f"case_{shape}_{method}_{budget:g}GiB.json")
-                if os.path.exists(path):
-                    os.remove(path)
-                cmd = [sys.executable, os.path.abspath(__file__), "--case", json.dumps(case), "--case-out", path]
-                t0 = time.perf_counter()
-                try:
-                    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.max_seconds)
-                    tail = (proc.stderr or "")[-2000:]
-                    status = None if proc.returncode == 0 else f"exit {proc.returncode}"
-                except subprocess.TimeoutExpired:
-                    tail, status = "", "timeout"
-                rec = json.load(open(path)) if os.path.exists(path) else dict(case, blocks=[], status="no result")
-                if status is not None:
-                    rec["status"] = status if rec.get("status") in (None, "running") or status == "timeout" else \
-                        rec["status"]
-                    rec["stderr_tail"] = tail
-                rec["wall_s"] = time.perf_counter() - t0
-                rec["summary"] = summarise(rec, shapes_tab[shape][-1])
-                with open(path, "w") as f:
-                    json.dump(rec, f, indent=1)
-                results.append(rec)
-                print(f"{shape} {budget:g} GiB {method}: {_cell(rec)}", flush=True)
-                with open(os.path.join(out, "model_scale.json"), "w") as f:
-                    json.dump({"meta": meta, "cases": results}, f, indent=1)
+    for shape, method, budget, blocks, max_s in plan:
+        budget = float(budget) if device == "cuda" else 0.0
+        case = {"shape": shape, "method": method, "budget_gib": budget, "device": device,
+                "model_device": a.model_device or device, "num_blocks": blocks, "samples": samples,
+                "seq_len": seq_len, "tiny": a.tiny, "max_seconds": max_s}
+        path = os.path.join(out, f"case_{shape}_{method}_{budget:g}GiB.json")
+        if os.path.exists(path):
+            os.remove(path)
+        cmd = [sys.executable, os.path.abspath(__file__), "--case", json.dumps(case), "--case-out", path]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max_s)
+            tail = (proc.stderr or "")[-2000:]
+            status = None if proc.returncode == 0 else f"exit {proc.returncode}"
+        except subprocess.TimeoutExpired:
+            tail, status = "", "timeout"
+        rec = json.load(open(path)) if os.path.exists(path) else dict(case, blocks=[], status="no result")
+        if status is not None:
+            rec["status"] = status if rec.get("status") in (None, "running") or status == "timeout" else \
+                rec["status"]
+            rec["stderr_tail"] = tail
+        rec["wall_s"] = time.perf_counter() - t0
+        rec["summary"] = summarise(rec, shapes_tab[shape][-1])
+        with open(path, "w") as f:
+            json.dump(rec, f, indent=1)
+        results.append(rec)
+        print(f"{shape} {budget:g} GiB {method}: {_cell(rec)}", flush=True)
+        with open(os.path.join(out, "model_scale.json"), "w") as f:
+            json.dump({"meta": meta, "cases": results}, f, indent=1)
+    print("\n| shape | budget | method | status | s/block | in prune_weight | outside | peak alloc / reserved GiB "
+          "| chunks (first block) | OOM retries | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for rec in results:
+        print(_detail_row(rec))
     print(f"\n{meta['device']}, torch {meta['torch']}, {meta['date']}, {samples} × {seq_len} calibration tokens, "
           f"pattern 2:4, {a.blocks} blocks timed\n")
     print("| shape | budget | " + " | ".join(methods) + " |")
     print("|---|---|" + "---|" * len(methods))
     for shape in shapes:
         for budget in budgets:
-            cells = [_cell(r) for m in methods for r in results
-                     if r["shape"] == shape and r["method"] == m and r["budget_gib"] == budget]
+            found = {r["method"]: _cell(r) for r in results if r["shape"] == shape and r["budget_gib"] == budget}
+            if not found:
+                continue
+            cells = [found.get(m, "—") for m in methods]
             label = "whole device" if budget == 0 else f"{budget:g} GiB"
             name = "seed layer (prune_weight)" if shape == SEED_LAYER else f"{shape} ({shapes_tab[shape][-1]} blocks)"
             print(f"| {name} | {label} | " + " | ".join(cells) + " |")

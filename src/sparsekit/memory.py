@@ -78,7 +78,7 @@ def parse_bytes(value: "int | float | str") -> int:
     else:
         raise InputError(f"max_memory must be bytes (an int) or a string like '24GiB', got {type(value).__name__}.")
     if not math.isfinite(n) or n < 1:
-        raise InputError(f"a memory size must be at least 1 byte, got {value!r}.")
+        raise InputError(f"a memory size must be at least 1 byte (e.g. '24GiB'), got {value!r}.")
     return int(n)
 
 

@@ -128,6 +128,7 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
         prune_devices=args.prune_devices,
         max_blocks=args.max_blocks,
         row_parts=args.row_parts,
+        max_memory=args.max_memory,
     )
 
 
@@ -252,6 +253,9 @@ def add_cli(subparsers: Any) -> None:
                         "whose rows are independent only (sparsegpt, true-obs, ...)")
     p.add_argument("--row-parts", type=int, default=8, help="under torchrun: row parts of each row-separable "
                    "linear, spread over the ranks (fixed, so that every world size gives the same result)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget of the run on --device, e.g. 24GiB or 500MB (default: what the device can "
+                        "give); every layer's chunks are planned from it")
     p.add_argument("--out", default=None, help="output directory (default: ./sparsekit-out/MODEL-PATTERN)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted job from its last finished block")
     p.add_argument("--overwrite", action="store_true", help="replace a pruned model already in --out (else an error)")

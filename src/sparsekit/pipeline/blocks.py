@@ -213,13 +213,17 @@ class HessianHooks:
         self.token_mask = token_mask
         self.calls = 0
 
+    def add(self, acc: HessianAccumulator, x: Tensor) -> None:
+        """Add one input ``x (b, T, K)`` of the current batch to ``acc`` as a hook does (padded tokens dropped)."""
+        x = x.detach()
+        m = self.token_mask
+        if m is not None and x.dim() == 3 and x.shape[:2] == m.shape:
+            x = x[m]  # (n_real, K): padded tokens carry no signal
+        acc.add(x)
+
     def _hook(self, acc: HessianAccumulator) -> Callable[..., None]:
         def hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-            x = args[0].detach()  # (b, T, K)
-            m = self.token_mask
-            if m is not None and x.dim() == 3 and x.shape[:2] == m.shape:
-                x = x[m]  # (n_real, K): padded tokens carry no signal
-            acc.add(x)
+            self.add(acc, args[0])
             self.calls += 1
             if self.calls == self.stop_after:
                 raise StopForward

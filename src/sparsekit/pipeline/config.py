@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 
 from sparsekit.hessian import DEFAULT_DAMP, as_device, check_damp
 from sparsekit.errors import InputError
+from sparsekit.memory import parse_bytes
 from sparsekit.parallel import parse_devices
 from sparsekit.patterns import Pattern
 from sparsekit.pruners import METHODS
@@ -97,6 +98,10 @@ class PruneConfig:
         row_parts: under ``torch.distributed``, the row-separable linears are pruned in this many row parts spread
             over the ranks (:mod:`sparsekit.pipeline.distributed`); fixed here, not by the world size, so that
             every world size gives the same result. Unused in one process without a process group.
+        max_memory: the memory budget of the whole run on ``device``, bytes or a string like ``"24GiB"``
+            (:func:`sparsekit.memory.parse_bytes`; stored as bytes). On CUDA a cap on the process's allocated
+            bytes; on the CPU on what the pipeline holds for a block plus what ``prune_weight`` allocates.
+            ``None``: what the device can give. See :mod:`sparsekit.pipeline.budget`.
     """
 
     pattern: "str | Pattern" = DEFAULT_PATTERN
@@ -113,6 +118,7 @@ class PruneConfig:
     prune_devices: Sequence[str] | None = None
     max_blocks: int | None = None
     row_parts: int = 8
+    max_memory: "int | str | None" = None
 
     def __post_init__(self) -> None:
         if self.sequential not in ("layer", "block"):
@@ -132,9 +138,12 @@ class PruneConfig:
         check_damp(self.damp, self.damp_mode)  # before any work, not at the first layer
         if self.device is not None:
             as_device(self.device, "device")
+        if self.max_memory is not None:
+            object.__setattr__(self, "max_memory", parse_bytes(self.max_memory))  # InputError naming the format
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form; excludes where it runs (device, batch size, offload), which does not change the result."""
+        """JSON form; excludes where it runs (device, batch size, offload, max_memory), which does not change the
+        result."""
         return {
             "pattern": pattern_name(self.pattern),
             "method": self.method,

@@ -35,7 +35,7 @@ __all__ = ["CHUNK_BYTES", "RUNTIME_FIELDS", "pattern_spec", "setup_digest", "ten
 #: Bytes hashed per ``update`` (and copied to the host per step for an accelerator tensor).
 CHUNK_BYTES = 64 << 20
 #: :class:`PruneConfig` fields that say where a run executes, not what it computes.
-RUNTIME_FIELDS = frozenset({"device", "offload_activations", "prune_devices"})
+RUNTIME_FIELDS = frozenset({"device", "offload_activations", "prune_devices", "max_memory"})
 
 
 def pattern_spec(pattern: "str | Pattern | None") -> Any:

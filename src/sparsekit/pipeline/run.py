@@ -43,8 +43,16 @@ import torch
 from torch import Tensor, nn
 
 from sparsekit.api import PruneResult, prune_weight
-from sparsekit.errors import InputError
+from sparsekit.errors import InputError, ResourceError
 from sparsekit.hessian import HessianAccumulator
+from sparsekit.pipeline.budget import (
+    H_ENTRY_BYTES,
+    layer_max_memory,
+    module_bytes,
+    pipeline_resource_error,
+    plan_memory,
+    tensor_bytes,
+)
 from sparsekit.pipeline.blocks import (
     BatchInputs,
     HessianHooks,
@@ -61,6 +69,7 @@ from sparsekit.pipeline.config import PruneConfig, pattern_name
 from sparsekit.pipeline.dequantized import as_plain_model
 from sparsekit.pipeline.inputs import check_calibration
 from sparsekit.pipeline.distributed import Group, join
+from sparsekit.pipeline.reuse import ChildOutputCache, unwrap
 from sparsekit.pipeline.report import REPORT_FILE, LayerReport, ModelReport, Progress, ProgressFn
 
 log = logging.getLogger(__name__)
@@ -148,7 +157,9 @@ def prune_model_(
     n_blocks = len(blocks)
     n_run = n_blocks if config.max_blocks is None else min(n_blocks, config.max_blocks)  # blocks to prune
     device = torch.device(config.device) if config.device else module_device(model)
-    act_device = torch.device("cpu") if config.offload_activations else device
+    offload, memory = plan_memory(model, blocks, [p.module for bp in plans for p in bp if not p.skipped], calibration,
+                                  config, device, config.offload_activations)
+    act_device = torch.device("cpu") if offload else device
     group = join(config, device, calibration.shape[0])  # None without a torch.distributed process group
     writes = group is None or group.is_writer
     if not writes:
@@ -161,6 +172,7 @@ def prune_model_(
         config=config.to_dict(),
         calibration={"num_sequences": calibration.shape[0], "seq_len": calibration.shape[1], "num_tokens": num_tokens},
     )
+    report.extra["memory"] = memory
 
     def emit(event: str, block: int, **kw: Any) -> None:
         if progress_fn is not None:
@@ -233,13 +245,15 @@ def _prune_block(
     emit: Callable[..., None],
     group: Group | None = None,
 ) -> list[Tensor]:
-    """Calibrate, prune and run one block; returns its outputs on the calibration batches (the next inputs)."""
+    """Calibrate, prune and run one block; returns its outputs on the calibration batches (the next inputs),
+    written over ``hidden`` batch by batch."""
     emit("block_start", i, num_layers=len(plans))
     home = module_device(block)
     block.to(device)
     try:
         return _calibrate_prune_run(i, block, plans, hidden, batches, config, device, act_device, report, emit, group)
     finally:
+        unwrap(block)
         block.to(home)  # one block on the device at a time, even when a layer fails
 
 
@@ -272,11 +286,14 @@ def _calibrate_prune_run(
     )
     stages = _stages(active, order, seen, config.sequential)
     calls = {name: len(xs) for name, xs in seen.items()}  # calls per forward of each linear
-    del seen
+    # layer-sequential: finished children's outputs are reused by the later passes (kept on the device: not
+    # when the activations are offloaded, i.e. when memory is short)
+    reuse = (ChildOutputCache(block, active, order, calls, hidden[0].shape[-1]).install()
+             if config.sequential == "layer" and act_device == device else None)
 
-    for stage in stages:
+    for s, stage in enumerate(stages):
         accs: list[HessianAccumulator | None] = [
-            HessianAccumulator(group[0].module.in_features, torch.float32, device) for group in stage
+            HessianAccumulator(linears[0].module.in_features, torch.float32, device) for linears in stage
         ]
         # Stop each forward once every group of the stage has its inputs (the rest of the block is not needed).
         expected = sum(calls.get(g[0].name, 0) for g in stage)
@@ -284,30 +301,49 @@ def _calibrate_prune_run(
             expected = 0  # some linear is not reached: run whole passes
         sources = accs if group is None else [group.deferred() for _ in accs]  # ranks add theirs in batch order
         with HessianHooks([(g[0].module, src) for g, src in zip(stage, sources)], expected) as hooks:
-            for h, inp in zip(hidden, batches):
+            for j, (h, inp) in enumerate(zip(hidden, batches)):
                 hooks.batch(inp.token_mask)
+                if reuse is not None:
+                    reuse.batch = j
+                if s == 0 and j == 0:  # the probe ran this batch through the same (dense) block: reuse its inputs
+                    for g, src in zip(stage, sources):
+                        for x in seen.get(g[0].name, ()):
+                            hooks.add(src, x)
+                    continue
                 try:
                     run_block(block, h, inp.block(i), device)
                 except StopForward:
                     pass
         if group is not None:
             group.reduce_hessians(accs, sources)
+        seen.clear()
         for g, linears in enumerate(stage):
-            acc = accs[g]
-            H = acc.hessian if acc.num_tokens else None  # (K, K)
-            accs[g] = None  # free Σxxᵀ now; H goes right after the group
+            acc, accs[g] = accs[g], None
+            tokens = acc.num_tokens
+            H = acc.hessian if tokens else None  # (K, K)
+            del acc  # free Σxxᵀ now; H goes right after the group
             done = group.prune(linears, H, config) if group is not None and H is not None else {}
             for p in linears:
-                report.layers.append(
-                    _prune_layer(p, H, acc.num_tokens, config, index[p.name], n_layers, emit, done.get(p.name))
-                )
-            del H, acc
+                held = (module_bytes(block) + tensor_bytes(hidden) + (0 if H is None else H.nbytes)
+                        + sum(a.num_features ** 2 * H_ENTRY_BYTES for a in accs if a is not None)
+                        + (reuse.nbytes if reuse is not None else 0))
+                mem = layer_max_memory(config.max_memory, device, held)
+                try:
+                    report.layers.append(
+                        _prune_layer(p, H, tokens, config, index[p.name], n_layers, emit, done.get(p.name), mem)
+                    )
+                except ResourceError as e:
+                    raise pipeline_resource_error(e, p.name, config.max_memory, device, held) from None
+            del H
         del accs
+        if reuse is not None:
+            reuse.finished([p.name for linears in stage for p in linears])
 
-    outputs = []
-    for h, inp in zip(hidden, batches):
-        outputs.append(run_block(block, h, inp.block(i), device).detach().to(act_device))
-    return outputs
+    for j, inp in enumerate(batches):  # the outputs replace the inputs batch by batch: one set held, not two
+        if reuse is not None:
+            reuse.batch = j
+        hidden[j] = run_block(block, hidden[j], inp.block(i), device).detach().to(act_device)
+    return hidden
 
 
 def _prune_layer(
@@ -319,6 +355,7 @@ def _prune_layer(
     n_layers: int,
     emit: Callable[..., None],
     result: PruneResult | None = None,
+    max_memory: int | None = None,
 ) -> LayerReport:
     """Prune one linear (or report ``result``, its pruning done by :mod:`sparsekit.pipeline.distributed`)."""
     M, K = p.module.weight.shape
@@ -337,7 +374,7 @@ def _prune_layer(
     res = result if result is not None else prune_weight(
         p.module.weight.data, H, p.pattern, p.method,
         damp=config.damp, damp_mode=config.damp_mode, inplace=True, progress_fn=method_progress,
-        devices=config.prune_devices, **p.options,
+        devices=config.prune_devices, max_memory=max_memory, **p.options,
     )
     note = ""
     dead = int((H.diagonal() == 0).sum())
