@@ -11,6 +11,7 @@ from sparsekit.errors import InputError
 from sparsekit.parallel import parse_devices
 from sparsekit.patterns import Pattern
 from sparsekit.pruners import METHODS
+from sparsekit.regularize import _check_grid
 
 __all__ = ["DEFAULT_METHOD", "DEFAULT_OPTIONS", "DEFAULT_PATTERN", "SKIP", "Rule", "PruneConfig", "pattern_name"]
 
@@ -93,6 +94,14 @@ class PruneConfig:
         prune_devices: split every layer's rows across these devices for pruning (``prune_weight(devices=...)``,
             e.g. ``("cuda:0", "cuda:1")``); only for the methods whose rows are independent
             (:data:`sparsekit.parallel.ROW_SEPARABLE`). ``None``: prune on ``device``.
+        reg_grid: ``(damp, damp_mode)`` candidates (e.g. :data:`sparsekit.regularize.DEFAULT_GRID`); when given,
+            the last ``heldout_fraction`` of the calibration sequences are held out of every calibration Hessian
+            and each layer's damping (and update shrink, ``reg_shrinks``) is the one with the lowest layer loss
+            on them (:mod:`sparsekit.pipeline.heldout`); ``damp``/``damp_mode`` are then only the fallback.
+            Empty (the default): off.
+        heldout_fraction: the share of calibration sequences held out when ``reg_grid`` is given.
+        reg_shrinks: update shrinks ``α`` tried with every grid point (``(0.0,)``: the method's update only).
+        reg_scope: ``"layer"`` (choose for every linear) or ``"model"`` (choose in the first block, reuse by name).
     """
 
     pattern: "str | Pattern" = DEFAULT_PATTERN
@@ -107,6 +116,10 @@ class PruneConfig:
     batch_size: int = 8
     offload_activations: bool = False
     prune_devices: Sequence[str] | None = None
+    reg_grid: Sequence[tuple[float, str]] = ()
+    heldout_fraction: float = 0.125
+    reg_shrinks: Sequence[float] = (0.0,)
+    reg_scope: str = "layer"
 
     def __post_init__(self) -> None:
         if self.sequential not in ("layer", "block"):
@@ -118,6 +131,14 @@ class PruneConfig:
             object.__setattr__(self, "prune_devices", tuple(self.prune_devices))
             for method in {self.method, *(r.method for r in self.rules if r.method not in (None, SKIP))}:
                 parse_devices(self.prune_devices, method)  # InputError unless every method is row-separable
+        object.__setattr__(self, "reg_grid", tuple(tuple(g) for g in self.reg_grid))
+        object.__setattr__(self, "reg_shrinks", tuple(self.reg_shrinks))
+        if self.reg_grid:
+            _check_grid(self.reg_grid, self.reg_shrinks)
+        if self.reg_scope not in ("layer", "model"):
+            raise InputError(f"reg_scope must be 'layer' or 'model', got {self.reg_scope!r}.")
+        if not 0 < self.heldout_fraction < 1:
+            raise InputError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction!r} (e.g. 0.125).")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form; excludes where it runs (device, batch size, offload), which does not change the result."""
@@ -130,4 +151,6 @@ class PruneConfig:
             "damp": self.damp,
             "damp_mode": self.damp_mode,
             "sequential": self.sequential,
+            **({"reg_grid": [list(g) for g in self.reg_grid], "heldout_fraction": self.heldout_fraction,
+                "reg_shrinks": list(self.reg_shrinks), "reg_scope": self.reg_scope} if self.reg_grid else {}),
         }

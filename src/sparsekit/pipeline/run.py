@@ -57,6 +57,7 @@ from sparsekit.pipeline.blocks import (
 )
 from sparsekit.pipeline.checkpoint import CKPT_VERSION, Checkpointer, fingerprint
 from sparsekit.pipeline.config import PruneConfig, pattern_name
+from sparsekit.pipeline.heldout import HeldOut, split_calibration
 from sparsekit.pipeline.report import REPORT_FILE, LayerReport, ModelReport, Progress, ProgressFn
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,10 @@ def prune_model_(
 
     t_start = time.perf_counter()
     path, blocks, plans = plan_layers(model, config)
+    if config.reg_grid:  # the held-out slice never enters a calibration Hessian
+        calibration, attention_mask, held_ids, held_mask = split_calibration(calibration, attention_mask,
+                                                                             config.heldout_fraction)
+    held: HeldOut | None = None
     n_blocks = len(blocks)
     device = torch.device(config.device) if config.device else module_device(model)
     act_device = torch.device("cpu") if config.offload_activations else device
@@ -195,9 +200,12 @@ def prune_model_(
                 hidden = fresh if hidden is None or start_block == 0 else hidden
                 if len(hidden) != len(batches):
                     raise InputError("checkpointed activations do not match the calibration batches; delete the checkpoint.")
+                if config.reg_grid:
+                    held = HeldOut.capture(model, blocks, path, config, held_ids, held_mask, device, act_device)
+                    held.resume(blocks, start_block, report.layers, device, act_device)
             for i in range(start_block, n_blocks):
                 hidden = _prune_block(
-                    i, blocks[i], plans[i], hidden, batches, config, device, act_device, report, emit
+                    i, blocks[i], plans[i], hidden, batches, config, device, act_device, report, emit, held
                 )
                 if ckpt is not None:
                     weights = {p.name: p.module.weight.detach().cpu().clone() for p in plans[i] if not p.skipped}
@@ -206,6 +214,9 @@ def prune_model_(
             emit("done", n_blocks)
     finally:
         model.train(was_training)
+    if held is not None:
+        report.calibration.update(heldout_sequences=held_ids.shape[0], heldout_tokens=held.num_tokens)
+        report.extra["regularisation"] = held.summary(report.layers)
     report.time_s = time.perf_counter() - t_start
     return report
 
@@ -221,13 +232,15 @@ def _prune_block(
     act_device: torch.device,
     report: ModelReport,
     emit: Callable[..., None],
+    held: HeldOut | None = None,
 ) -> list[Tensor]:
     """Calibrate, prune and run one block; returns its outputs on the calibration batches (the next inputs)."""
     emit("block_start", i, num_layers=len(plans))
     home = module_device(block)
     block.to(device)
     try:
-        return _calibrate_prune_run(i, block, plans, hidden, batches, config, device, act_device, report, emit)
+        return _calibrate_prune_run(i, block, plans, hidden, batches, config, device, act_device, report, emit,
+                                    held)
     finally:
         block.to(home)  # one block on the device at a time, even when a layer fails
 
@@ -243,6 +256,7 @@ def _calibrate_prune_run(
     act_device: torch.device,
     report: ModelReport,
     emit: Callable[..., None],
+    held: HeldOut | None = None,
 ) -> list[Tensor]:
     n_layers = len(plans)
     index = {p.name: k for k, p in enumerate(plans)}
@@ -277,18 +291,23 @@ def _calibrate_prune_run(
                     run_block(block, h, inp.block(i), device)
                 except StopForward:
                     pass
+        held_H = held.hessians(block, stage, i, device, expected) if held is not None else [None] * len(stage)
         for g, group in enumerate(stage):
             acc = accs[g]
             H = acc.hessian if acc.num_tokens else None  # (K, K)
             accs[g] = None  # free Σxxᵀ now; H goes right after the group
             for p in group:
-                report.layers.append(_prune_layer(p, H, acc.num_tokens, config, index[p.name], n_layers, emit))
+                report.layers.append(_prune_layer(p, H, acc.num_tokens, config, index[p.name], n_layers, emit,
+                                                  held, held_H[g]))
             del H, acc
+            held_H[g] = None
         del accs
 
     outputs = []
     for h, inp in zip(hidden, batches):
         outputs.append(run_block(block, h, inp.block(i), device).detach().to(act_device))
+    if held is not None:
+        held.advance(block, i, device, act_device)
     return outputs
 
 
@@ -300,6 +319,8 @@ def _prune_layer(
     index: int,
     n_layers: int,
     emit: Callable[..., None],
+    held: HeldOut | None = None,
+    H_held: Tensor | None = None,
 ) -> LayerReport:
     M, K = p.module.weight.shape
     pat = pattern_name(p.pattern)
@@ -314,11 +335,14 @@ def _prune_layer(
     def method_progress(msg: str) -> None:
         emit("message", p.block, message=msg, **kw)
 
-    res = prune_weight(
-        p.module.weight.data, H, p.pattern, p.method,
-        damp=config.damp, damp_mode=config.damp_mode, inplace=True, progress_fn=method_progress,
-        devices=config.prune_devices, **p.options,
-    )
+    if held is not None:  # the regularisation chosen on the held-out slice
+        res = held.prune(p, H, H_held, method_progress)
+    else:
+        res = prune_weight(
+            p.module.weight.data, H, p.pattern, p.method,
+            damp=config.damp, damp_mode=config.damp_mode, inplace=True, progress_fn=method_progress,
+            devices=config.prune_devices, **p.options,
+        )
     note = ""
     dead = int((H.diagonal() == 0).sum())
     if tokens < K:
