@@ -144,3 +144,47 @@ def test_resume_with_heldout_is_identical(tmp_path) -> None:
     for a, b in zip(ref.state_dict().values(), fresh.state_dict().values()):
         assert torch.equal(a, b)
     assert [r.stats["regularisation"] for r in report.pruned] == [r.stats["regularisation"] for r in ref_report.pruned]
+
+
+def test_cli_regularisation_flags() -> None:
+    from sparsekit.cli import build_parser
+    from sparsekit.cli.prune import calibration_size, config_from_args
+    from sparsekit.regularize import DEFAULT_GRID
+
+    parse = build_parser().parse_args
+    assert config_from_args(parse(["prune"])).reg_grid == ()  # off by default
+    cfg = config_from_args(parse(["prune", "--reg-grid", "0.01:mean,0.2:diag,0.05", "--reg-shrinks", "0,0.25",
+                                  "--reg-scope", "model", "--heldout-fraction", "0.25"]))
+    assert cfg.reg_grid == ((0.01, "mean"), (0.2, "diag"), (0.05, "mean"))
+    assert (cfg.reg_shrinks, cfg.reg_scope, cfg.heldout_fraction) == ((0.0, 0.25), "model", 0.25)
+    assert config_from_args(parse(["prune", "--reg-grid", "default"])).reg_grid == DEFAULT_GRID
+    with pytest.raises(InputError, match="DAMP"):
+        config_from_args(parse(["prune", "--reg-grid", "x:mean"]))
+    assert calibration_size(True, "cuda", 8192) == (128 * 2048, 2048)
+    assert calibration_size(True, "cuda:1", 1024) == (128 * 2048, 1024)
+    assert calibration_size(True, None, 8192) == (16384, 512)
+    assert calibration_size(False, "cpu", 512) == (8192, 128)
+
+
+def test_verdict_gap_ratio_and_domains(monkeypatch) -> None:
+    """With a 'sparsegpt' baseline the verdict has (1 − cos)/(1 − cos_sparsegpt) per text and its mean; with a
+    calibration source the texts are its held-out domains, those of the calibration marked."""
+    import sparsekit.data.text as text
+    from sparsekit.data.text import Domain
+    from sparsekit.evaluate import evaluate
+    from tests.test_evaluate import TEXTS, CharTokenizer, bert
+
+    domains = [Domain("stdlib", "x", True, "heldout"), Domain("fortunes", "y", False, "all")]
+    monkeypatch.setattr(text, "heldout_domains", lambda calibration: domains)
+    monkeypatch.setattr(text, "domain_texts", lambda ds: {"stdlib": TEXTS, "fortunes": TEXTS[::-1]})
+    tok = CharTokenizer()
+    ids = torch.tensor([tok(t)["input_ids"][:32] for t in TEXTS * 4])
+    dense, ours, sgpt = bert(), bert(), bert()
+    prune_model_(ours, PruneConfig(method="true-obs"), ids)
+    prune_model_(sgpt, PruneConfig(method="sparsegpt"), ids)
+    v = evaluate(ours, dense, tok, baselines={"sparsegpt": sgpt}, calibration="mixed")
+    assert [(r["text"], r["in_calibration"]) for r in v.rows] == [("stdlib", True), ("fortunes", False)]
+    ratios = [(1 - r["values"]["pruned"]) / (1 - r["values"]["sparsegpt"]) for r in v.rows]
+    assert v.summary["mean_ratio"]["pruned"] == pytest.approx(sum(ratios) / 2)
+    assert v.summary["mean_ratio"]["sparsegpt"] == pytest.approx(1.0)
+    assert "gap ratio" in v.format() and "*stdlib" in v.format()
