@@ -3,6 +3,8 @@ domain, dense vs SparseGPT vs True OBS (the CLI's defaults) vs ADMM, every block
 
     # on a GPU machine (the Debian texts copied beforehand with benchmarks/copy_texts.sh DEST):
     SPARSEKIT_TEXT_ROOT=DEST PYTHONPATH=src python3 benchmarks/generalisation.py --device cuda
+    # dense, each method with the fixed damping and with the one chosen on held-out calibration tokens (+reg):
+    ... --methods sparsegpt,sparsegpt+reg,true-obs,true-obs+reg,admm,admm+reg --reg-scope model
     # on a CPU, a quick check of the whole path (first block only, few tokens):
     PYTHONPATH=src python3 benchmarks/generalisation.py --max-blocks 1 --calib-tokens 512 --eval-tokens 512 \
         --method-options '{"admm": {"iters": 20}}'
@@ -95,8 +97,9 @@ def _table(result: dict[str, Any]) -> str:
              f"calibration {result['calibration']['source']!r} {result['calibration']['sources']}, "
              f"{result['calibration']['tokens']} tokens; device {result['device']}"]
     head = ["dense"] if metric == "perplexity" else []
-    lines.append(f"  {'domain':<11}" + "".join(f"{m:>11}" for m in head + methods))
-    fmt = "{:>11.2f}" if metric == "perplexity" else "{:>11.4f}"
+    w = max([11] + [len(m) + 2 for m in methods])
+    lines.append(f"  {'domain':<11}" + "".join(f"{m:>{w}}" for m in head + methods))
+    fmt = f"{{:>{w}.2f}}" if metric == "perplexity" else f"{{:>{w}.4f}}"
     for d in result["domains"]:
         mark = "*" if d["in_calibration"] else " "
         vals = ([result["dense"][d["name"]]] if metric == "perplexity" else []) + [
@@ -104,10 +107,11 @@ def _table(result: dict[str, Any]) -> str:
         lines.append(f" {mark}{d['name']:<11}" + "".join(fmt.format(v) for v in vals))
     s = result.get("summary")
     if s:
-        lines.append(f"  {'mean ratio':<11}" + ("" if metric != "perplexity" else f"{'':>11}") + "".join(
-            f"{s['mean_ratio'][m]:>11.3f}" for m in methods) + "   (gap to dense / SparseGPT's; lower is better)")
-        lines.append(f"  {'wins':<11}" + ("" if metric != "perplexity" else f"{'':>11}") + "".join(
-            f"{s['wins'][m]:>8}/{len(s['domains']):<2}" for m in methods) + "   (domains below SparseGPT)")
+        lines.append(f"  {'mean ratio':<11}" + ("" if metric != "perplexity" else f"{'':>{w}}") + "".join(
+            f"{s['mean_ratio'][m]:>{w}.3f}" for m in methods) + "   (gap to dense / SparseGPT's; lower is better)")
+        lines.append(f"  {'wins':<11}" + ("" if metric != "perplexity" else f"{'':>{w}}") + "".join(
+            f"{str(s['wins'][m]) + '/' + str(len(s['domains'])):>{w}}" for m in methods)
+            + "   (domains below SparseGPT)")
     return "\n".join(lines)
 
 
