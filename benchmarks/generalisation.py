@@ -3,6 +3,8 @@ domain, dense vs SparseGPT vs True OBS (the CLI's defaults) vs ADMM, every block
 
     # on a GPU machine (the Debian texts copied beforehand with benchmarks/copy_texts.sh DEST):
     SPARSEKIT_TEXT_ROOT=DEST PYTHONPATH=src python3 benchmarks/generalisation.py --device cuda
+    # dense, each method with the fixed damping and with the one chosen on held-out calibration tokens (+reg):
+    ... --methods sparsegpt,sparsegpt+reg,true-obs,true-obs+reg,admm,admm+reg --reg-scope model
     # on a CPU, a quick check of the whole path (first block only, few tokens):
     PYTHONPATH=src python3 benchmarks/generalisation.py --max-blocks 1 --calib-tokens 512 --eval-tokens 512 \
         --method-options '{"admm": {"iters": 20}}'
@@ -37,6 +39,7 @@ from sparsekit.pipeline import DEFAULT_OPTIONS, SKIP, Rule, find_blocks
 
 from sparsekit.data.text import TEXT_ROOT_ENV, calibration_sources, domain_texts, heldout_domains, load_texts
 from sparsekit.data.text import tokenize_for_calibration
+from sparsekit.regularize import DEFAULT_GRID
 from sparsekit.evaluate import (
     domain_windows,
     generalisation_summary,
@@ -47,12 +50,22 @@ from sparsekit.evaluate import (
 
 log = logging.getLogger("generalisation")
 
-#: method label -> (method, options); True OBS with the CLI's default options
+#: method label -> (method, options); True OBS with the CLI's default options. A label with the suffix ``+reg``
+#: (e.g. ``admm+reg``) runs the method with the regularisation chosen on a held-out slice (--reg-grid etc.).
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "sparsegpt": ("sparsegpt", {}),
     "true-obs": ("true-obs", dict(DEFAULT_OPTIONS)),
     "admm": ("admm", {}),
 }
+REG = "+reg"
+
+
+def _reg_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """PruneConfig's held-out regularisation fields of a ``+reg`` label."""
+    grid = DEFAULT_GRID if args.reg_grid == "default" else [
+        (float(d), m or "mean") for d, _, m in (x.partition(":") for x in args.reg_grid.split(","))]
+    return dict(reg_grid=grid, reg_shrinks=[float(a) for a in args.reg_shrinks.split(",")],
+                reg_scope=args.reg_scope, heldout_fraction=args.heldout_fraction)
 
 
 def _load(name: str, path: str | None) -> tuple[Any, Any]:
@@ -84,8 +97,9 @@ def _table(result: dict[str, Any]) -> str:
              f"calibration {result['calibration']['source']!r} {result['calibration']['sources']}, "
              f"{result['calibration']['tokens']} tokens; device {result['device']}"]
     head = ["dense"] if metric == "perplexity" else []
-    lines.append(f"  {'domain':<11}" + "".join(f"{m:>11}" for m in head + methods))
-    fmt = "{:>11.2f}" if metric == "perplexity" else "{:>11.4f}"
+    w = max([11] + [len(m) + 2 for m in methods])
+    lines.append(f"  {'domain':<11}" + "".join(f"{m:>{w}}" for m in head + methods))
+    fmt = f"{{:>{w}.2f}}" if metric == "perplexity" else f"{{:>{w}.4f}}"
     for d in result["domains"]:
         mark = "*" if d["in_calibration"] else " "
         vals = ([result["dense"][d["name"]]] if metric == "perplexity" else []) + [
@@ -93,10 +107,11 @@ def _table(result: dict[str, Any]) -> str:
         lines.append(f" {mark}{d['name']:<11}" + "".join(fmt.format(v) for v in vals))
     s = result.get("summary")
     if s:
-        lines.append(f"  {'mean ratio':<11}" + ("" if metric != "perplexity" else f"{'':>11}") + "".join(
-            f"{s['mean_ratio'][m]:>11.3f}" for m in methods) + "   (gap to dense / SparseGPT's; lower is better)")
-        lines.append(f"  {'wins':<11}" + ("" if metric != "perplexity" else f"{'':>11}") + "".join(
-            f"{s['wins'][m]:>8}/{len(s['domains']):<2}" for m in methods) + "   (domains below SparseGPT)")
+        lines.append(f"  {'mean ratio':<11}" + ("" if metric != "perplexity" else f"{'':>{w}}") + "".join(
+            f"{s['mean_ratio'][m]:>{w}.3f}" for m in methods) + "   (gap to dense / SparseGPT's; lower is better)")
+        lines.append(f"  {'wins':<11}" + ("" if metric != "perplexity" else f"{'':>{w}}") + "".join(
+            f"{str(s['wins'][m]) + '/' + str(len(s['domains'])):>{w}}" for m in methods)
+            + "   (domains below SparseGPT)")
     return "\n".join(lines)
 
 
@@ -134,10 +149,11 @@ def run_model(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     rules = _skip_rules(dense, args.max_blocks)
     extra = json.loads(args.method_options) if args.method_options else {}
     for label in args.methods.split(","):
-        method, options = METHODS[label]
-        config = PruneConfig(pattern=args.pattern, method=method, options={**options, **extra.get(label, {})},
+        base = label.removesuffix(REG)
+        method, options = METHODS[base]
+        config = PruneConfig(pattern=args.pattern, method=method, options={**options, **extra.get(base, {})},
                              rules=rules, damp=args.damp, damp_mode=args.damp_mode, device=args.device,
-                             batch_size=args.batch_size)
+                             batch_size=args.batch_size, **(_reg_fields(args) if label.endswith(REG) else {}))
         model = copy.deepcopy(dense)
         t0 = time.perf_counter()
         report = prune_model_(model, config, calib)
@@ -151,7 +167,9 @@ def run_model(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 for k, s in sentences.items()}
         losses = [r.loss for r in report.layers if r.loss is not None]
         result["prune"][label] = {"time_s": t_prune, "layers": len(losses),
-                                  "mean_layer_loss": sum(losses) / max(1, len(losses))}
+                                  "mean_layer_loss": sum(losses) / max(1, len(losses)),
+                                  "calib_tokens": report.calibration["num_tokens"],
+                                  "regularisation": report.extra.get("regularisation")}
         log.info("%s %s: pruned in %.1fs, %s", name, label, t_prune, result["values"][label])
         if "sparsegpt" in result["values"]:
             result["summary"] = generalisation_summary(result["values"], result["dense"])
@@ -165,7 +183,12 @@ def main() -> None:
     p.add_argument("--models", default="smollm2,minilm", help="comma-separated: smollm2, minilm")
     p.add_argument("--smollm2", default=None, metavar="PATH", help="a local copy of SmolLM2 (HF folder or .gguf)")
     p.add_argument("--minilm", default=None, metavar="PATH", help="a local copy of MiniLM (HF folder)")
-    p.add_argument("--methods", default="sparsegpt,true-obs,admm", help=f"comma-separated of {list(METHODS)}")
+    p.add_argument("--methods", default="sparsegpt,true-obs,admm", help=f"comma-separated of {list(METHODS)}, "
+                   f"each optionally with {REG!r} (the regularisation chosen on held-out calibration tokens)")
+    p.add_argument("--reg-grid", default="default", help="for +reg: 'default' (regularize.DEFAULT_GRID) or DAMP:MODE,...")
+    p.add_argument("--reg-shrinks", default="0", help="for +reg: update shrinks, comma-separated")
+    p.add_argument("--reg-scope", default="layer", choices=("layer", "model"))
+    p.add_argument("--heldout-fraction", type=float, default=0.125)
     p.add_argument("--method-options", default=None, help='JSON {label: {option: value}}, e.g. \'{"admm": {"iters": 20}}\'')
     p.add_argument("--pattern", default="2:4")
     p.add_argument("--damp", type=float, default=0.01)

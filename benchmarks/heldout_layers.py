@@ -48,6 +48,12 @@ LAYERS = {
     "smollm2": r"layers\.(20\.mlp\.down_proj|(5|20)\.self_attn\.q_proj)$",
 }
 HESSIANS = ("hessian", "hessian_heldout", "hessian_domains")
+#: --levers: the regularisation levers added one at a time, each chosen on H_heldout: (grid, with shrinks?)
+LEVERS: dict[str, tuple[tuple[tuple[float, str], ...], bool]] = {
+    "damp (mean)": (tuple(g for g in DEFAULT_GRID if g[1] == "mean"), False),
+    "+ diag": (DEFAULT_GRID, False),
+    "+ shrink": (DEFAULT_GRID, True),
+}
 
 
 def save(path: str, model: str, layer_filter: str | None, tokens: int, seq_len: int) -> None:
@@ -79,7 +85,8 @@ def _losses(W: torch.Tensor, W2: torch.Tensor, H: dict[str, torch.Tensor]) -> di
     return {k: relative_error(W, W2, H[k]) for k in HESSIANS}
 
 
-def run(path: str, methods: list[str], device: str, shrinks: list[float], layer_filter: str | None) -> dict[str, Any]:
+def run(path: str, methods: list[str], device: str, shrinks: list[float], layer_filter: str | None,
+        levers: bool = False) -> dict[str, Any]:
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
@@ -103,6 +110,12 @@ def run(path: str, methods: list[str], device: str, shrinks: list[float], layer_
                                     "shrink": ch.shrink},
                          "time_default_s": t_default, "time_choice_s": time.perf_counter() - t0 - t_default,
                          "table": ch.table})
+            if levers:  # each lever alone on top of the previous ones: what it buys on H_domains
+                rows[-1]["levers"] = {}
+                for lever, (grid, shrunk) in LEVERS.items():
+                    c = choose_regularisation(W, H["hessian"], H["hessian_heldout"], "2:4", method, grid,
+                                              shrinks=shrinks if shrunk else (0.0,), **opts)
+                    rows[-1]["levers"][lever] = _losses(W, c.result.weight, H)
             print(f"{name} {label}: domains {rows[-1]['default']['hessian_domains']:.4f} -> "
                   f"{rows[-1]['chosen']['hessian_domains']:.4f} (damp {ch.damp} {ch.damp_mode}, shrink {ch.shrink})",
                   flush=True)
@@ -136,6 +149,15 @@ def summary(result: dict[str, Any]) -> str:
             lines.append(f"    {m:<10} default {statistics.median(vs_default):+.1%}   chosen vs SparseGPT default "
                          f"{statistics.median(chosen_vs_default):+.1%}   chosen vs SparseGPT chosen "
                          f"{statistics.median(chosen_vs_chosen):+.1%}")
+    if all("levers" in r for r in rows):
+        lines.append("  median over layers of the H_domains loss / the method's default − 1, per lever (cumulative):")
+        for m in methods:
+            cells = []
+            for lever in LEVERS:
+                ch = [by[(l, m)]["levers"][lever]["hessian_domains"] / by[(l, m)]["default"]["hessian_domains"] - 1
+                      for l in layers]
+                cells.append(f"{lever} {statistics.median(ch):+.1%}")
+            lines.append(f"    {m:<10} " + "   ".join(cells))
     return "\n".join(lines)
 
 
@@ -150,6 +172,7 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated of {list(METHODS)}")
     p.add_argument("--shrinks", default="0,0.1,0.25,0.5", help="update shrinks tried with every damping")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--levers", action="store_true", help=f"also choose with each lever added in turn: {list(LEVERS)}")
     args = p.parse_args()
     if args.save:
         save(args.save, args.model, args.layers, args.tokens, args.seq_len)
@@ -157,7 +180,7 @@ def main() -> None:
     if not args.file:
         p.error("give a file written by --save, or --save FILE")
     result = run(args.file, args.methods.split(","), args.device, [float(s) for s in args.shrinks.split(",")],
-                 args.layers)
+                 args.layers, args.levers)
     out = Path(os.environ.get("OUT") or "out/heldout_layers")
     out.mkdir(parents=True, exist_ok=True)
     (out / "heldout_layers.json").write_text(json.dumps(result, indent=2))

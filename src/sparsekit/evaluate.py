@@ -203,9 +203,12 @@ class Verdict:
     rows: list[dict[str, Any]] = field(default_factory=list)
     calibration: str | None = None
     time_s: float = 0.0
+    #: :func:`generalisation_summary` of the models against a ``"sparsegpt"`` baseline, when one was evaluated
+    summary: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"metric": self.metric, "rows": self.rows, "calibration": self.calibration, "time_s": self.time_s}
+        return {"metric": self.metric, "rows": self.rows, "calibration": self.calibration, "time_s": self.time_s,
+                "summary": self.summary}
 
     def value(self, label: str = "pruned", text: str | None = None) -> float:
         row = self.rows[0] if text is None else next(r for r in self.rows if r["text"] == text)
@@ -220,7 +223,16 @@ class Verdict:
         lines.append(f"  {'text':<12} {unit:>9}  " + "  ".join(f"{n:>11}" for n in names))
         for r in self.rows:
             vals = "  ".join(f"{r['values'][lb]:>11.4f}" if self.metric == "cosine" else f"{r['values'][lb]:>11.2f}" for lb in labels)
-            lines.append(f"  {r['text']:<12} {r['n']:>9}  {vals}")
+            mark = "*" if r.get("in_calibration") else " "
+            lines.append(f" {mark}{r['text']:<12} {r['n']:>9}  {vals}")
+        if any(r.get("in_calibration") for r in self.rows):
+            lines.append("  (* the held-out split of a kind of text the calibration used; the others are not in it)")
+        s = self.summary
+        if s:
+            cells = "  ".join(f"{s['mean_ratio'][lb]:>11.3f}" if lb in s["mean_ratio"] else f"{'':>11}" for lb in labels)
+            lines.append(f"  {'gap ratio':<12} {'mean':>9}  {cells}")
+            lines.append("  (gap ratio: (metric - dense) / (sparsegpt - dense) per text, averaged; lower is better, "
+                         "1 = as far from dense as SparseGPT)")
         return "\n".join(lines)
 
 
@@ -251,6 +263,7 @@ def evaluate(
     max_sentences: int = 256,
     device: "str | torch.device | None" = None,
     progress_fn: Callable[[str], None] | None = None,
+    calibration: str | None = None,
 ) -> Verdict:
     """Dense vs pruned (and baselines) on held-out text; the metric follows the model kind (see module doc).
 
@@ -260,11 +273,24 @@ def evaluate(
         sources: held-out text kinds for ``load_texts(source, split="heldout")`` (default: :func:`heldout_sources`).
         texts: ``{kind: texts}`` given directly instead of ``sources``.
         max_tokens, seq_len: perplexity windows per kind; max_sentences: sentences per kind for encoders.
+        calibration: the model's calibration source (``"mixed"``, a named source or a path): without ``sources``
+            or ``texts``, evaluate on its :func:`sparsekit.data.text.heldout_domains` (the held-out split of the
+            kinds it used, marked ``in_calibration``, and every other kind whole).
+
+    With a baseline labelled ``"sparsegpt"`` (and the dense model), ``summary`` is the
+    :func:`generalisation_summary` of every model against it.
     """
     t0 = time.perf_counter()
     causal = is_causal_lm(pruned)
     if dense is None and not causal:
         raise InputError("the embedding similarity of an encoder needs the dense model as reference (--reference).")
+    used: set[str] = set()
+    if texts is None and sources is None and calibration is not None:
+        from sparsekit.data.text import domain_texts, heldout_domains
+
+        domains = heldout_domains(calibration)
+        used = {d.name for d in domains if d.in_calibration}
+        texts = domain_texts(domains)
     if texts is None:
         texts = {s: _heldout_texts(s) for s in (sources or heldout_sources())}
     models: dict[str, nn.Module] = {}
@@ -279,7 +305,7 @@ def evaluate(
         if causal:
             win = eval_windows(tokenizer, tx, max_tokens, seq_len)
             vals = {label: perplexity(m, win, device=device) for label, m in models.items()}
-            verdict.rows.append({"text": kind, "n": win.numel(), "values": vals})
+            verdict.rows.append({"text": kind, "n": win.numel(), "values": vals, "in_calibration": kind in used})
         else:
             sents = split_sentences(tx, max_sentences)
             if not sents:
@@ -289,7 +315,14 @@ def evaluate(
             for label, m in models.items():
                 emb = sentence_embeddings(m, tokenizer, sents, device=device)
                 vals[label] = F.cosine_similarity(emb, ref, dim=-1).mean().item()
-            verdict.rows.append({"text": kind, "n": len(sents), "values": vals})
+            verdict.rows.append({"text": kind, "n": len(sents), "values": vals, "in_calibration": kind in used})
+    if "sparsegpt" in models and dense is not None and verdict.rows:
+        per = {label: {r["text"]: r["values"][label] for r in verdict.rows} for label in models if label != "dense"}
+        ref = {r["text"]: r["values"]["dense"] if causal else 1.0 for r in verdict.rows}
+        try:
+            verdict.summary = generalisation_summary(per, ref)
+        except InputError as e:  # SparseGPT left some text unchanged: no ratio there
+            log.warning("no gap ratio: %s", e)
     verdict.time_s = time.perf_counter() - t0
     return verdict
 

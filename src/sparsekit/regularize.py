@@ -35,7 +35,8 @@ from sparsekit.hessian import DAMP_MODES, check_hessian
 from sparsekit.metrics import relative_error
 from sparsekit.patterns import Pattern
 
-__all__ = ["DEFAULT_GRID", "RegularisationChoice", "heldout_loss", "shrink_update", "choose_regularisation"]
+__all__ = ["DEFAULT_GRID", "RegularisationChoice", "heldout_loss", "shrink_update", "shrink_result",
+           "choose_regularisation"]
 
 #: The default candidates: SparseGPT's 1% of mean(diag H) and a decade either side, and three diagonal dampings.
 DEFAULT_GRID: tuple[tuple[float, str], ...] = (
@@ -74,6 +75,15 @@ def shrink_update(weight: Tensor, pruned: Tensor, mask: Tensor, alpha: float) ->
     """``W ⊙ S + (1 − α)(W' − W ⊙ S)`` in ``pruned``'s dtype: the update shrunk by ``α``, zeros of ``pruned`` kept."""
     kept = torch.where(mask, weight.to(pruned.dtype), torch.zeros((), dtype=pruned.dtype, device=pruned.device))
     return torch.lerp(pruned, kept, alpha)  # (M, K); exact at α = 0 and α = 1
+
+
+def shrink_result(weight: Tensor, res: PruneResult, h_calib: Tensor, alpha: float) -> PruneResult:
+    """``res`` with its update shrunk by ``α`` (:func:`shrink_update`), its loss through ``h_calib``; ``α = 0``: ``res``."""
+    if alpha == 0:
+        return res
+    w = shrink_update(weight, res.weight, res.mask, alpha)  # (M, K)
+    return PruneResult(weight=w, mask=res.mask, loss=relative_error(weight, w, h_calib), method=res.method,
+                       pattern=res.pattern, time_s=res.time_s, damp=res.damp, stats={**res.stats, "shrink": alpha})
 
 
 def _check_grid(grid: Sequence[Any], shrinks: Sequence[Any]) -> list[tuple[float, str]]:
@@ -147,17 +157,13 @@ def choose_regularisation(
     for g, (damp, mode) in enumerate(points):
         res = prune_weight(weight, h_calib, pattern, method, damp=damp, damp_mode=mode, **options)
         for alpha in sorted(float(a) for a in shrinks):
-            w = res.weight if alpha == 0 else shrink_update(weight, res.weight, res.mask, alpha)  # (M, K)
-            loss = heldout_loss(weight, w, h_heldout)
-            calib = res.loss if alpha == 0 else relative_error(weight, w, h_calib)
+            shrunk = shrink_result(weight, res, h_calib, alpha)
+            loss = heldout_loss(weight, shrunk.weight, h_heldout)
             table.append({"damp": damp, "damp_mode": mode, "shrink": alpha, "heldout_loss": loss,
-                          "calib_loss": calib})
+                          "calib_loss": shrunk.loss})
             if best is None or loss < best[0]:
                 best = (loss, g, alpha)
-                best_result = res if alpha == 0 else PruneResult(
-                    weight=w, mask=res.mask, loss=calib, method=res.method, pattern=res.pattern,
-                    time_s=res.time_s, damp=res.damp, stats={**res.stats, "shrink": alpha},
-                )
+                best_result = shrunk
     assert best is not None and best_result is not None
     loss, g, alpha = best
     return RegularisationChoice(points[g][0], points[g][1], alpha, loss, best_result, table)

@@ -129,6 +129,7 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
         max_blocks=args.max_blocks,
         row_parts=args.row_parts,
         max_memory=args.max_memory,
+        **_regularisation_config(args),
     )
 
 
@@ -142,6 +143,44 @@ def _float_option(opts: dict[str, Any], key: str, default: float) -> float:
 def _positive(value: int | None, flag: str) -> None:
     if value is not None and value < 1:
         raise InputError(f"{flag} must be >= 1, got {value} (leave it out for the default).")
+
+
+def _regularisation_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``reg_*`` / ``heldout_fraction`` fields of :class:`PruneConfig` from ``--reg-grid`` and its flags."""
+    from sparsekit.regularize import DEFAULT_GRID
+
+    spec = args.reg_grid
+    if spec is None:  # default: on, except under torchrun (not supported across ranks yet)
+        import torch.distributed as dist
+
+        spec = "none" if dist.is_available() and dist.is_initialized() else "default"
+    spec = spec.strip().lower()
+    if spec in ("", "none", "off"):
+        return {}
+    if spec == "default":
+        grid: list[tuple[float, str]] = list(DEFAULT_GRID)
+    else:
+        grid = []
+        for item in spec.split(","):
+            damp, _, mode = item.strip().partition(":")
+            try:
+                grid.append((float(damp), mode or "mean"))
+            except ValueError:
+                raise InputError(f"--reg-grid item {item!r} must look like DAMP[:MODE] (e.g. 0.01:mean,0.1:diag).") from None
+    try:
+        shrinks = [float(a) for a in args.reg_shrinks.split(",")]
+    except ValueError:
+        raise InputError(f"--reg-shrinks {args.reg_shrinks!r} must be comma-separated numbers in [0, 1].") from None
+    return dict(reg_grid=grid, reg_shrinks=shrinks, reg_scope=args.reg_scope, heldout_fraction=args.heldout_fraction)
+
+
+def calibration_size(causal: bool, device: str | None, max_positions: int | None) -> tuple[int, int]:
+    """Default ``(tokens, seq_len)``: SparseGPT's 128 x 2048 on CUDA (sequences no longer than the model takes);
+    on a CPU what fits a few minutes: 32 x 512 for a causal LM, 64 x 128 for an encoder."""
+    if device is not None and str(device).startswith("cuda"):
+        seq_len = min(2048, max_positions or 2048) if causal else min(128, max_positions or 128)
+        return 128 * 2048, seq_len
+    return (16384, 512) if causal else (8192, 128)
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
@@ -169,14 +208,21 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     from sparsekit.data.text import load_texts, tokenize_for_calibration
 
+    from sparsekit.data.text import calibration_sources
+
     causal = _is_causal(model)
-    tokens = args.tokens if args.tokens is not None else (16384 if causal else 8192)
-    seq_len = args.seq_len if args.seq_len is not None else (512 if causal else 128)
+    default_tokens, default_len = calibration_size(
+        causal, args.device, getattr(getattr(model, "config", None), "max_position_embeddings", None))
+    tokens = args.tokens if args.tokens is not None else default_tokens
+    seq_len = args.seq_len if args.seq_len is not None else default_len
     texts = load_texts(args.calib, split="calib")
     calib = tokenize_for_calibration(tokenizer, texts, tokens, seq_len, seed=args.seed)
+    sources = list(calibration_sources()) if args.calib == "mixed" else [args.calib]
+    held = f", {config.heldout_fraction:g} of it held out to choose the regularisation" if config.reg_grid else ""
     if lead:
-        print(f"model {args.model} ({type(model).__name__}); calibration: {args.calib!r} text, "
-              f"{calib.shape[0]} x {calib.shape[1]} = {calib.numel()} tokens; {config.method} at {pattern_name(config.pattern)}")
+        print(f"model {args.model} ({type(model).__name__}); calibration: {args.calib!r} text ({', '.join(sources)}), "
+              f"{calib.shape[0]} x {calib.shape[1]} = {calib.numel()} tokens{held}; {config.method} at "
+              f"{pattern_name(config.pattern)}")
 
     progress, close = _progress_bars("blocks") if lead else (None, lambda: None)
     try:
@@ -185,11 +231,15 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         close()
     if not distributed.leave():
         return 0  # the other ranks are done: rank 0 saves and evaluates alone
-    report.calibration.update(source=args.calib, seed=args.seed)
+    report.calibration.update(source=args.calib, sources=sources, seed=args.seed)
     report.extra["model_spec"] = args.model if args.model in MODELS else str(Path(args.model).resolve())
     save_pruned(model, out, report, tokenizer)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the saved model supersedes the checkpoints
     print(report.format_table())
+    if "regularisation" in report.extra:
+        reg = report.extra["regularisation"]
+        print(f"regularisation chosen on {reg['heldout_tokens']} held-out tokens ({reg['scope']} scope): "
+              + ", ".join(f"{k} x{v}" for k, v in reg["chosen"].items()))
     print(f"saved to {out} (report: {out / REPORT_FILE})")
 
     if not args.no_eval:
@@ -203,7 +253,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         if baseline and baseline != "none" and baseline != config.method:
             bmodel, _ = load_model(args.model)
             # the baseline only needs to be comparable, not sequentially exact: one dense pass per block
-            bcfg = dataclasses.replace(config, method=baseline, options={}, rules=(), sequential="block")
+            bcfg = dataclasses.replace(config, method=baseline, options={}, rules=(), sequential="block", reg_grid=())
             print(f"pruning the {baseline} baseline for the verdict (one dense pass per block)")
             bprogress, bclose = _progress_bars(f"{baseline} baseline")
             try:
@@ -215,15 +265,25 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             baselines[baseline] = bmodel
         verdict = evaluate(
             model, dense, tokenizer, baselines=baselines, device=args.device,
-            max_tokens=args.eval_tokens, seq_len=seq_len,
+            max_tokens=args.eval_tokens or _eval_tokens(args.device), seq_len=min(seq_len, 512),
+            max_sentences=256 if _on_cuda(args.device) else 128, calibration=args.calib,
         )
-        verdict.calibration = f"{args.calib!r} text, {calib.numel()} tokens"
+        verdict.calibration = f"{args.calib!r} text ({', '.join(sources)}), {report.calibration['num_tokens']} tokens"
         print(verdict.format(pruned_label=config.method))
         print(f"verdict took {time.perf_counter() - t_eval:.1f}s" + (f" (with the {baseline} baseline)" if baselines else ""))
         report.extra["verdict"] = verdict.to_dict()
         report.to_json(out / REPORT_FILE)
     print(f"total wall time {time.perf_counter() - t0:.1f}s")
     return 0
+
+
+def _on_cuda(device: str | None) -> bool:
+    return device is not None and str(device).startswith("cuda")
+
+
+def _eval_tokens(device: str | None) -> int:
+    """Held-out tokens per kind of text for the verdict: 8192 on CUDA, 2048 on a CPU (a dozen kinds of text)."""
+    return 8192 if _on_cuda(device) else 2048
 
 
 def add_cli(subparsers: Any) -> None:
@@ -241,8 +301,10 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--rule", action="append", default=[], metavar="REGEX=METHOD:PATTERN",
                    help="per-layer rule by module-name regex, first match wins (repeatable); METHOD 'skip' leaves it dense")
     p.add_argument("--calib", default="mixed", help="calibration text: mixed | stdlib | PATH (file or folder) (default: mixed)")
-    p.add_argument("--tokens", type=int, default=None, help="calibration tokens (default: 8192 encoders, 16384 causal LMs)")
-    p.add_argument("--seq-len", type=int, default=None, help="calibration sequence length (default: 128 encoders, 512 causal LMs)")
+    p.add_argument("--tokens", type=int, default=None, help="calibration tokens (default: 128 x 2048 on CUDA; on a CPU "
+                   "8192 encoders, 16384 causal LMs)")
+    p.add_argument("--seq-len", type=int, default=None, help="calibration sequence length (default: 128 encoders; causal "
+                   "LMs 2048 on CUDA, 512 on a CPU)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass")
     p.add_argument("--sequential", choices=("layer", "block"), default="layer",
                    help="layer: recompute each stage's inputs after pruning earlier stages (default); block: one dense pass per block")
@@ -263,8 +325,21 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip the verdict (dense vs pruned on held-out text)")
     p.add_argument("--baseline", default="auto", help="also prune with this method for comparison in the verdict "
                    "(auto: SparseGPT for encoders (magnitude if the method is SparseGPT), none for causal LMs; 'none' to disable)")
-    p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens per text kind for perplexity")
+    p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens per text kind for perplexity "
+                   "(default: 8192 on CUDA, 2048 on a CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling")
     p.add_argument("--max-blocks", type=int, default=None, metavar="N",
                    help="prune only the first N blocks (the rest stay dense): a quick trial of a long job")
+    p.add_argument("--reg-grid", default=None, metavar="SPEC",
+                   help="choose each layer's damping on held-out calibration tokens: 'default' (sparsekit.regularize."
+                        "DEFAULT_GRID; measured better than a fixed damping on every held-out kind of text, "
+                        "benchmarks/GENERALISATION_issue16.md), DAMP:MODE,... (e.g. 0.01:mean,0.1:diag), or 'none' "
+                        "(the --option damp= for every layer, all tokens calibrate) (default: default; none under torchrun)")
+    p.add_argument("--reg-shrinks", default="0", metavar="A,...", help="update shrinks tried with every grid point "
+                   "(0: the method's update; e.g. 0,0.25,0.5)")
+    p.add_argument("--reg-scope", choices=("layer", "model"), default="model",
+                   help="model: choose in the first block, reuse by name (default); layer: choose for every linear "
+                        "(6x the pruning time with the default grid)")
+    p.add_argument("--heldout-fraction", type=float, default=0.125,
+                   help="share of the calibration sequences held out to choose the regularisation (with --reg-grid)")
     p.set_defaults(func=_cmd_prune)

@@ -12,6 +12,7 @@ from sparsekit.memory import parse_bytes
 from sparsekit.parallel import parse_devices
 from sparsekit.patterns import Pattern
 from sparsekit.pruners import METHODS
+from sparsekit.regularize import _check_grid
 
 __all__ = ["DEFAULT_METHOD", "DEFAULT_OPTIONS", "DEFAULT_PATTERN", "SKIP", "Rule", "PruneConfig", "pattern_name"]
 
@@ -102,6 +103,14 @@ class PruneConfig:
             (:func:`sparsekit.memory.parse_bytes`; stored as bytes). On CUDA a cap on the process's allocated
             bytes; on the CPU on what the pipeline holds for a block plus what ``prune_weight`` allocates.
             ``None``: what the device can give. See :mod:`sparsekit.pipeline.budget`.
+        reg_grid: ``(damp, damp_mode)`` candidates (e.g. :data:`sparsekit.regularize.DEFAULT_GRID`); when given,
+            the last ``heldout_fraction`` of the calibration sequences are held out of every calibration Hessian
+            and each layer's damping (and update shrink, ``reg_shrinks``) is the one with the lowest layer loss
+            on them (:mod:`sparsekit.pipeline.heldout`); ``damp``/``damp_mode`` are then only the fallback.
+            Empty (the default): off.
+        heldout_fraction: the share of calibration sequences held out when ``reg_grid`` is given.
+        reg_shrinks: update shrinks ``α`` tried with every grid point (``(0.0,)``: the method's update only).
+        reg_scope: ``"layer"`` (choose for every linear) or ``"model"`` (choose in the first block, reuse by name).
     """
 
     pattern: "str | Pattern" = DEFAULT_PATTERN
@@ -119,6 +128,10 @@ class PruneConfig:
     max_blocks: int | None = None
     row_parts: int = 8
     max_memory: "int | str | None" = None
+    reg_grid: Sequence[tuple[float, str]] = ()
+    heldout_fraction: float = 0.125
+    reg_shrinks: Sequence[float] = (0.0,)
+    reg_scope: str = "layer"
 
     def __post_init__(self) -> None:
         if self.sequential not in ("layer", "block"):
@@ -140,6 +153,14 @@ class PruneConfig:
             as_device(self.device, "device")
         if self.max_memory is not None:
             object.__setattr__(self, "max_memory", parse_bytes(self.max_memory))  # InputError naming the format
+        object.__setattr__(self, "reg_grid", tuple(tuple(g) for g in self.reg_grid))
+        object.__setattr__(self, "reg_shrinks", tuple(self.reg_shrinks))
+        if self.reg_grid:
+            _check_grid(self.reg_grid, self.reg_shrinks)
+        if self.reg_scope not in ("layer", "model"):
+            raise InputError(f"reg_scope must be 'layer' or 'model', got {self.reg_scope!r}.")
+        if not 0 < self.heldout_fraction < 1:
+            raise InputError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction!r} (e.g. 0.125).")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form; excludes where it runs (device, batch size, offload, max_memory), which does not change the
@@ -155,4 +176,6 @@ class PruneConfig:
             "sequential": self.sequential,
             "max_blocks": self.max_blocks,
             "row_parts": self.row_parts,
+            **({"reg_grid": [list(g) for g in self.reg_grid], "heldout_fraction": self.heldout_fraction,
+                "reg_shrinks": list(self.reg_shrinks), "reg_scope": self.reg_scope} if self.reg_grid else {}),
         }

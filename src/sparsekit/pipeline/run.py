@@ -70,6 +70,7 @@ from sparsekit.pipeline.dequantized import as_plain_model
 from sparsekit.pipeline.inputs import check_calibration
 from sparsekit.pipeline.distributed import Group, join
 from sparsekit.pipeline.reuse import ChildOutputCache, unwrap
+from sparsekit.pipeline.heldout import HeldOut, split_calibration
 from sparsekit.pipeline.report import REPORT_FILE, LayerReport, ModelReport, Progress, ProgressFn
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,10 @@ def prune_model_(
 
     t_start = time.perf_counter()
     path, blocks, plans = plan_layers(model, config)
+    if config.reg_grid:  # the held-out slice never enters a calibration Hessian
+        calibration, attention_mask, held_ids, held_mask = split_calibration(calibration, attention_mask,
+                                                                             config.heldout_fraction)
+    held: HeldOut | None = None
     n_blocks = len(blocks)
     n_run = n_blocks if config.max_blocks is None else min(n_blocks, config.max_blocks)  # blocks to prune
     device = torch.device(config.device) if config.device else module_device(model)
@@ -161,6 +166,9 @@ def prune_model_(
                                   config, device, config.offload_activations)
     act_device = torch.device("cpu") if offload else device
     group = join(config, device, calibration.shape[0])  # None without a torch.distributed process group
+    if group is not None and config.reg_grid:
+        raise InputError("choosing the regularisation on held-out tokens (reg_grid, --reg-grid) is not supported "
+                         "under torch.distributed yet; pass --reg-grid none (reg_grid=()).")
     writes = group is None or group.is_writer
     if not writes:
         progress_fn = None  # rank 0 reports
@@ -212,10 +220,13 @@ def prune_model_(
                 hidden = fresh if hidden is None or start_block == 0 else hidden
                 if len(hidden) != len(batches):
                     raise InputError("checkpointed activations do not match the calibration batches; delete the checkpoint.")
+                if config.reg_grid:
+                    held = HeldOut.capture(model, blocks, path, config, held_ids, held_mask, device, act_device)
+                    held.resume(blocks, start_block, report.layers, device, act_device)
             for i in range(start_block, n_run):
                 with rollback_on_error(plans[i]) if ckpt is not None else contextlib.nullcontext():
                     hidden = _prune_block(
-                        i, blocks[i], plans[i], hidden, batches, config, device, act_device, report, emit, group
+                        i, blocks[i], plans[i], hidden, batches, config, device, act_device, report, emit, group, held
                     )
                     if ckpt is not None:
                         acts = hidden if group is None else group.gather(hidden)
@@ -228,6 +239,9 @@ def prune_model_(
             emit("done", n_run)
     finally:
         model.train(was_training)
+    if held is not None:
+        report.calibration.update(heldout_sequences=held_ids.shape[0], heldout_tokens=held.num_tokens)
+        report.extra["regularisation"] = held.summary(report.layers)
     report.time_s = time.perf_counter() - t_start
     return report
 
@@ -244,6 +258,7 @@ def _prune_block(
     report: ModelReport,
     emit: Callable[..., None],
     group: Group | None = None,
+    held: HeldOut | None = None,
 ) -> list[Tensor]:
     """Calibrate, prune and run one block; returns its outputs on the calibration batches (the next inputs),
     written over ``hidden`` batch by batch."""
@@ -251,7 +266,8 @@ def _prune_block(
     home = module_device(block)
     block.to(device)
     try:
-        return _calibrate_prune_run(i, block, plans, hidden, batches, config, device, act_device, report, emit, group)
+        return _calibrate_prune_run(i, block, plans, hidden, batches, config, device, act_device, report, emit, group,
+                                    held)
     finally:
         unwrap(block)
         block.to(home)  # one block on the device at a time, even when a layer fails
@@ -269,6 +285,7 @@ def _calibrate_prune_run(
     report: ModelReport,
     emit: Callable[..., None],
     group: Group | None = None,
+    held: HeldOut | None = None,
 ) -> list[Tensor]:
     n_layers = len(plans)
     index = {p.name: k for k, p in enumerate(plans)}
@@ -288,8 +305,9 @@ def _calibrate_prune_run(
     calls = {name: len(xs) for name, xs in seen.items()}  # calls per forward of each linear
     # layer-sequential: finished children's outputs are reused by the later passes (kept on the device: not
     # when the activations are offloaded, i.e. when memory is short)
+    # (not with a held-out slice: its forwards through the block must not see the calibration batches' outputs)
     reuse = (ChildOutputCache(block, active, order, calls, hidden[0].shape[-1]).install()
-             if config.sequential == "layer" and act_device == device else None)
+             if config.sequential == "layer" and act_device == device and held is None else None)
 
     for s, stage in enumerate(stages):
         accs: list[HessianAccumulator | None] = [
@@ -317,6 +335,7 @@ def _calibrate_prune_run(
         if group is not None:
             group.reduce_hessians(accs, sources)
         seen.clear()
+        held_H = held.hessians(block, stage, i, device, expected) if held is not None else [None] * len(stage)
         for g, linears in enumerate(stage):
             acc, accs[g] = accs[g], None
             tokens = acc.num_tokens
@@ -324,17 +343,17 @@ def _calibrate_prune_run(
             del acc  # free Σxxᵀ now; H goes right after the group
             done = group.prune(linears, H, config) if group is not None and H is not None else {}
             for p in linears:
-                held = (module_bytes(block) + tensor_bytes(hidden) + (0 if H is None else H.nbytes)
-                        + sum(a.num_features ** 2 * H_ENTRY_BYTES for a in accs if a is not None)
-                        + (reuse.nbytes if reuse is not None else 0))
-                mem = layer_max_memory(config.max_memory, device, held)
+                held_bytes = (module_bytes(block) + tensor_bytes(hidden) + (0 if H is None else H.nbytes)
+                              + sum(a.num_features ** 2 * H_ENTRY_BYTES for a in accs if a is not None)
+                              + (reuse.nbytes if reuse is not None else 0))
+                mem = layer_max_memory(config.max_memory, device, held_bytes)
                 try:
-                    report.layers.append(
-                        _prune_layer(p, H, tokens, config, index[p.name], n_layers, emit, done.get(p.name), mem)
-                    )
+                    report.layers.append(_prune_layer(p, H, tokens, config, index[p.name], n_layers, emit,
+                                                      done.get(p.name), mem, held, held_H[g]))
                 except ResourceError as e:
-                    raise pipeline_resource_error(e, p.name, config.max_memory, device, held) from None
+                    raise pipeline_resource_error(e, p.name, config.max_memory, device, held_bytes) from None
             del H
+            held_H[g] = None
         del accs
         if reuse is not None:
             reuse.finished([p.name for linears in stage for p in linears])
@@ -343,6 +362,8 @@ def _calibrate_prune_run(
         if reuse is not None:
             reuse.batch = j
         hidden[j] = run_block(block, hidden[j], inp.block(i), device).detach().to(act_device)
+    if held is not None:
+        held.advance(block, i, device, act_device)
     return hidden
 
 
@@ -356,6 +377,8 @@ def _prune_layer(
     emit: Callable[..., None],
     result: PruneResult | None = None,
     max_memory: int | None = None,
+    held: HeldOut | None = None,
+    H_held: Tensor | None = None,
 ) -> LayerReport:
     """Prune one linear (or report ``result``, its pruning done by :mod:`sparsekit.pipeline.distributed`)."""
     M, K = p.module.weight.shape
@@ -371,11 +394,16 @@ def _prune_layer(
     def method_progress(msg: str) -> None:
         emit("message", p.block, message=msg, **kw)
 
-    res = result if result is not None else prune_weight(
-        p.module.weight.data, H, p.pattern, p.method,
-        damp=config.damp, damp_mode=config.damp_mode, inplace=True, progress_fn=method_progress,
-        devices=config.prune_devices, max_memory=max_memory, **p.options,
-    )
+    if result is not None:  # pruned by its owner rank (sparsekit.pipeline.distributed)
+        res = result
+    elif held is not None:  # the regularisation chosen on the held-out slice
+        res = held.prune(p, H, H_held, method_progress, max_memory)
+    else:
+        res = prune_weight(
+            p.module.weight.data, H, p.pattern, p.method,
+            damp=config.damp, damp_mode=config.damp_mode, inplace=True, progress_fn=method_progress,
+            devices=config.prune_devices, max_memory=max_memory, **p.options,
+        )
     note = ""
     dead = int((H.diagonal() == 0).sum())
     if tokens < K:
