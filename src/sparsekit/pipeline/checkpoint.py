@@ -29,7 +29,7 @@ from sparsekit.errors import CheckpointError, InputError
 from sparsekit.pipeline.blocks import LayerPlan
 from sparsekit.pipeline.config import PruneConfig
 from sparsekit.pipeline.fingerprint import setup_digest, weight_digests
-from sparsekit.pipeline.report import LayerReport, atomic_write_text
+from sparsekit.pipeline.report import LayerReport, atomic_write_bytes, atomic_write_text
 
 __all__ = ["PROGRESS_FILE", "CHECKPOINT_SUBDIR", "CKPT_VERSION", "Checkpointer", "Fingerprint", "fingerprint",
            "check_writable", "rollback_on_error"]
@@ -65,12 +65,7 @@ def _atomic_torch_save(obj: Any, path: Path) -> str:
     buf = io.BytesIO()
     torch.save(obj, buf)
     data = buf.getbuffer()
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 

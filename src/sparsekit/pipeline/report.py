@@ -13,18 +13,24 @@ from typing import Any, Callable, Mapping
 
 from torch import Tensor
 
-__all__ = ["REPORT_FILE", "LayerReport", "ModelReport", "Progress", "ProgressFn", "atomic_write_text", "jsonable"]
+__all__ = ["REPORT_FILE", "LayerReport", "ModelReport", "Progress", "ProgressFn", "atomic_write_bytes", "atomic_write_text",
+           "jsonable"]
 
 #: The report's file name in a saved model's folder.
 REPORT_FILE = "sparsekit_report.json"
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_bytes(path: Path, data: "bytes | memoryview") -> None:
+    """Write ``data`` to ``path`` atomically (a synced temporary file renamed over it)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def jsonable(obj: Any) -> Any:

@@ -37,7 +37,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -246,6 +246,18 @@ def prune_model_(
     return report
 
 
+@contextlib.contextmanager
+def _block_on(block: nn.Module, device: torch.device) -> Iterator[None]:
+    """One block on ``device`` at a time, moved back (and unwrapped) even when a layer fails."""
+    home = module_device(block)
+    block.to(device)
+    try:
+        yield
+    finally:
+        unwrap(block)
+        block.to(home)
+
+
 def _prune_block(
     i: int,
     block: nn.Module,
@@ -263,108 +275,85 @@ def _prune_block(
     """Calibrate, prune and run one block; returns its outputs on the calibration batches (the next inputs),
     written over ``hidden`` batch by batch."""
     emit("block_start", i, num_layers=len(plans))
-    home = module_device(block)
-    block.to(device)
-    try:
-        return _calibrate_prune_run(i, block, plans, hidden, batches, config, device, act_device, report, emit, group,
-                                    held)
-    finally:
-        unwrap(block)
-        block.to(home)  # one block on the device at a time, even when a layer fails
+    with _block_on(block, device):
+        n_layers = len(plans)
+        index = {p.name: k for k, p in enumerate(plans)}
+        active = [p for p in plans if not p.skipped]
+        for p in plans:
+            if p.skipped:
+                M, K = p.module.weight.shape
+                r = LayerReport(p.name, i, (M, K), pattern_name(p.pattern), p.method, "skipped", note=p.skip_reason or "rule")
+                report.layers.append(r)
+                emit("layer_done", i, layer=p.name, layer_index=index[p.name], num_layers=n_layers, report=r)
+        # Probe pass on the first batch: execution order and which linears share an input tensor.
+        order, seen = probe_inputs(
+            {p.name: p.module for p in active},
+            lambda: run_block(block, hidden[0], batches[0].block(i), device) if active else None,
+        )
+        stages = _stages(active, order, seen, config.sequential)
+        calls = {name: len(xs) for name, xs in seen.items()}  # calls per forward of each linear
+        # layer-sequential: finished children's outputs are reused by the later passes (kept on the device: not
+        # when the activations are offloaded, i.e. when memory is short)
+        # (not with a held-out slice: its forwards through the block must not see the calibration batches' outputs)
+        reuse = (ChildOutputCache(block, active, order, calls, hidden[0].shape[-1]).install()
+                 if config.sequential == "layer" and act_device == device and held is None else None)
 
+        for s, stage in enumerate(stages):
+            accs: list[HessianAccumulator | None] = [
+                HessianAccumulator(linears[0].module.in_features, torch.float32, device) for linears in stage
+            ]
+            # Stop each forward once every group of the stage has its inputs (the rest of the block is not needed).
+            expected = sum(calls.get(g[0].name, 0) for g in stage)
+            if any(calls.get(g[0].name, 0) == 0 for g in stage):
+                expected = 0  # some linear is not reached: run whole passes
+            sources = accs if group is None else [group.deferred() for _ in accs]  # ranks add theirs in batch order
+            with HessianHooks([(g[0].module, src) for g, src in zip(stage, sources)], expected) as hooks:
+                for j, (h, inp) in enumerate(zip(hidden, batches)):
+                    hooks.batch(inp.token_mask)
+                    if reuse is not None:
+                        reuse.batch = j
+                    if s == 0 and j == 0:  # the probe ran this batch through the same (dense) block: reuse its inputs
+                        for g, src in zip(stage, sources):
+                            for x in seen.get(g[0].name, ()):
+                                hooks.add(src, x)
+                        continue
+                    try:
+                        run_block(block, h, inp.block(i), device)
+                    except StopForward:
+                        pass
+            if group is not None:
+                group.reduce_hessians(accs, sources)
+            seen.clear()
+            held_H = held.hessians(block, stage, i, device, expected) if held is not None else [None] * len(stage)
+            for g, linears in enumerate(stage):
+                acc, accs[g] = accs[g], None
+                tokens = acc.num_tokens
+                H = acc.hessian if tokens else None  # (K, K)
+                del acc  # free Σxxᵀ now; H goes right after the group
+                done = group.prune(linears, H, config) if group is not None and H is not None else {}
+                for p in linears:
+                    held_bytes = (module_bytes(block) + tensor_bytes(hidden) + (0 if H is None else H.nbytes)
+                                  + sum(a.num_features ** 2 * H_ENTRY_BYTES for a in accs if a is not None)
+                                  + (reuse.nbytes if reuse is not None else 0))
+                    mem = layer_max_memory(config.max_memory, device, held_bytes)
+                    try:
+                        report.layers.append(_prune_layer(p, H, tokens, config, index[p.name], n_layers, emit,
+                                                          done.get(p.name), mem, held, held_H[g]))
+                    except ResourceError as e:
+                        raise pipeline_resource_error(e, p.name, config.max_memory, device, held_bytes) from None
+                del H
+                held_H[g] = None
+            del accs
+            if reuse is not None:
+                reuse.finished([p.name for linears in stage for p in linears])
 
-def _calibrate_prune_run(
-    i: int,
-    block: nn.Module,
-    plans: list[LayerPlan],
-    hidden: list[Tensor],
-    batches: list[BatchInputs],
-    config: PruneConfig,
-    device: torch.device,
-    act_device: torch.device,
-    report: ModelReport,
-    emit: Callable[..., None],
-    group: Group | None = None,
-    held: HeldOut | None = None,
-) -> list[Tensor]:
-    n_layers = len(plans)
-    index = {p.name: k for k, p in enumerate(plans)}
-    active = [p for p in plans if not p.skipped]
-    for p in plans:
-        if p.skipped:
-            M, K = p.module.weight.shape
-            r = LayerReport(p.name, i, (M, K), pattern_name(p.pattern), p.method, "skipped", note=p.skip_reason or "rule")
-            report.layers.append(r)
-            emit("layer_done", i, layer=p.name, layer_index=index[p.name], num_layers=n_layers, report=r)
-    # Probe pass on the first batch: execution order and which linears share an input tensor.
-    order, seen = probe_inputs(
-        {p.name: p.module for p in active},
-        lambda: run_block(block, hidden[0], batches[0].block(i), device) if active else None,
-    )
-    stages = _stages(active, order, seen, config.sequential)
-    calls = {name: len(xs) for name, xs in seen.items()}  # calls per forward of each linear
-    # layer-sequential: finished children's outputs are reused by the later passes (kept on the device: not
-    # when the activations are offloaded, i.e. when memory is short)
-    # (not with a held-out slice: its forwards through the block must not see the calibration batches' outputs)
-    reuse = (ChildOutputCache(block, active, order, calls, hidden[0].shape[-1]).install()
-             if config.sequential == "layer" and act_device == device and held is None else None)
-
-    for s, stage in enumerate(stages):
-        accs: list[HessianAccumulator | None] = [
-            HessianAccumulator(linears[0].module.in_features, torch.float32, device) for linears in stage
-        ]
-        # Stop each forward once every group of the stage has its inputs (the rest of the block is not needed).
-        expected = sum(calls.get(g[0].name, 0) for g in stage)
-        if any(calls.get(g[0].name, 0) == 0 for g in stage):
-            expected = 0  # some linear is not reached: run whole passes
-        sources = accs if group is None else [group.deferred() for _ in accs]  # ranks add theirs in batch order
-        with HessianHooks([(g[0].module, src) for g, src in zip(stage, sources)], expected) as hooks:
-            for j, (h, inp) in enumerate(zip(hidden, batches)):
-                hooks.batch(inp.token_mask)
-                if reuse is not None:
-                    reuse.batch = j
-                if s == 0 and j == 0:  # the probe ran this batch through the same (dense) block: reuse its inputs
-                    for g, src in zip(stage, sources):
-                        for x in seen.get(g[0].name, ()):
-                            hooks.add(src, x)
-                    continue
-                try:
-                    run_block(block, h, inp.block(i), device)
-                except StopForward:
-                    pass
-        if group is not None:
-            group.reduce_hessians(accs, sources)
-        seen.clear()
-        held_H = held.hessians(block, stage, i, device, expected) if held is not None else [None] * len(stage)
-        for g, linears in enumerate(stage):
-            acc, accs[g] = accs[g], None
-            tokens = acc.num_tokens
-            H = acc.hessian if tokens else None  # (K, K)
-            del acc  # free Σxxᵀ now; H goes right after the group
-            done = group.prune(linears, H, config) if group is not None and H is not None else {}
-            for p in linears:
-                held_bytes = (module_bytes(block) + tensor_bytes(hidden) + (0 if H is None else H.nbytes)
-                              + sum(a.num_features ** 2 * H_ENTRY_BYTES for a in accs if a is not None)
-                              + (reuse.nbytes if reuse is not None else 0))
-                mem = layer_max_memory(config.max_memory, device, held_bytes)
-                try:
-                    report.layers.append(_prune_layer(p, H, tokens, config, index[p.name], n_layers, emit,
-                                                      done.get(p.name), mem, held, held_H[g]))
-                except ResourceError as e:
-                    raise pipeline_resource_error(e, p.name, config.max_memory, device, held_bytes) from None
-            del H
-            held_H[g] = None
-        del accs
-        if reuse is not None:
-            reuse.finished([p.name for linears in stage for p in linears])
-
-    for j, inp in enumerate(batches):  # the outputs replace the inputs batch by batch: one set held, not two
-        if reuse is not None:
-            reuse.batch = j
-        hidden[j] = run_block(block, hidden[j], inp.block(i), device).detach().to(act_device)
-    if held is not None:
-        held.advance(block, i, device, act_device)
-    return hidden
+        for j, inp in enumerate(batches):  # the outputs replace the inputs batch by batch: one set held, not two
+            if reuse is not None:
+                reuse.batch = j
+            hidden[j] = run_block(block, hidden[j], inp.block(i), device).detach().to(act_device)
+        if held is not None:
+            held.advance(block, i, device, act_device)
+        return hidden
 
 
 def _prune_layer(
