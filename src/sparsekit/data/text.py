@@ -1,5 +1,8 @@
 """Offline calibration and evaluation text (DESIGN.md §7): no dataset hub, only text already on the machine.
 
+Why one file over 500 lines: ten sources share one document model, one hash split (calibration / held-out),
+one cache and one tokenisation for calibration; each source's reader is a short function next to the others.
+
 Sources (each a list of *documents*, the unit of the calib/held-out split):
 
 ``"stdlib"``
