@@ -9,6 +9,16 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/oracles.py
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of many small kernels: as fast on tiny layers, and stable when other
+    processes load a 2-core machine (OpenMP barriers of 2 threads stalled up to 50x there). Restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -24,13 +24,7 @@ from sparsekit.pipeline import PruneConfig, prune_model_  # noqa: E402
 
 VOCAB = 64
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster, and immune to OpenMP spinning on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

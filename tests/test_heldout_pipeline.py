@@ -11,8 +11,9 @@ import sparsekit.pipeline.heldout as heldout_mod  # noqa: E402
 from sparsekit import prune_weight  # noqa: E402
 from sparsekit.errors import InputError  # noqa: E402
 from sparsekit.pipeline import PruneConfig, prune_model_  # noqa: E402
-from sparsekit.regularize import choose_regularisation  # noqa: E402
-from tests.test_pipeline import _one_thread, block_linears, calib, close, reference_hessians, tiny_model  # noqa: E402,F401
+from tests.test_pipeline import block_linears, calib, close, reference_hessians, tiny_model  # noqa: E402,F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 GRID = ((0.001, "mean"), (0.1, "mean"), (0.3, "diag"))
 

@@ -16,14 +16,7 @@ from sparsekit import BlockSpec, InputError, Pattern, PatternError, ScopeSpec, c
 from sparsekit.pruners.obs import StructuredOBS, block_col_indices, block_param_rc, subset_search
 from sparsekit.pruners._common import batch_bounds
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many small kernels: on a shared 2-core machine, OpenMP barriers of 2 threads stall when the
-    other core is busy (seen: 10x slower). One thread here; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MODES = [("obs-local", {}), ("obs-full", {}), ("obs-split", {"n_splits": 2}), ("obs-interleaved", {"n_splits": 1}),

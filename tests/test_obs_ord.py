@@ -11,14 +11,7 @@ from oracles import brute_force_optimum, tiny_problem
 from sparsekit import InputError, get_pattern, prune_weight
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: as fast here (tiny layers; the real layer's time is in per-row solves), and stable
-    when other processes load the 2-core machine (2 threads then slowed SparseGPT's column loop 50-fold)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the oracle -------------------------------------------------------------------------------------------

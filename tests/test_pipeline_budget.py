@@ -35,12 +35,7 @@ VOCAB = 96
 REFERENCE = os.path.join(os.path.dirname(__file__), "pipeline_reference.json")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(kind: str = "llama", dtype: torch.dtype = torch.float32) -> nn.Module:
