@@ -59,6 +59,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "true-obs-16": ("true-obs", {"ng": 16, "order": "largest_first"}),
     "true-obs-256": ("true-obs", {"ng": 256, "order": "largest_first"}),
     "admm": ("admm", {}),
+    "admm-tf32": ("admm", {"tf32": True}),
 }
 #: the seed's layer (``seed_shape_layer``: W 2560 × 9728, synthetic H), pruned by ``prune_weight`` alone
 SEED_LAYER = "seed-layer"
@@ -162,6 +163,7 @@ def run_case(case: dict[str, Any], path: str) -> None:
             cur["layers"].append({"name": ev.report.name, "shape": list(ev.report.shape), "time_s": ev.report.time_s,
                                   "loss": ev.report.loss, "chunk_size": st.get("chunk_size"),
                                   "refit_chunk_size": st.get("refit_chunk_size"),
+                                  "admm_iters": st.get("admm_iters"), "refit_solver": st.get("refit_solver"),
                                   "oom_retries": st.get("oom_retries", 0) + st.get("refit_oom_retries", 0)})
         elif ev.event == "block_done":
             total_s = now - cur["t"]
