@@ -154,7 +154,7 @@ def test_real_layer_admm_from_true_obs_beats_true_obs_and_sparsegpt(minilm_ffn_o
     (dict(patience=0), "patience must be an int >= 1"),
     (dict(rho_every=0), "rho_every must be an int >= 1"),
     (dict(refit_solver="qr"), "refit_solver must be one of auto, direct, cg"),
-    (dict(tf32=1), "tf32 must be True or False"),
+    (dict(tf32=1), "tf32 must be None, True or False"),
     (dict(refine="swaps"), "refine=None or one of: swap"),
     (dict(max_sweeps=-3), "max_sweeps must be an int >= 0"),
 ])

@@ -72,8 +72,8 @@ def _check_options(
             raise InputError(f"{name} must be an int >= {lo}, got {v!r}.")
     if refit_solver not in REFIT_SOLVERS:
         raise InputError(f"refit_solver must be one of {', '.join(REFIT_SOLVERS)}, got {refit_solver!r}.")
-    if not isinstance(tf32, bool):
-        raise InputError(f"tf32 must be True or False, got {tf32!r}.")
+    if tf32 is not None and not isinstance(tf32, bool):
+        raise InputError(f"tf32 must be None, True or False, got {tf32!r}.")
 
 
 def _check_init_options(fn: Callable[..., Any], init: str, options: dict[str, Any]) -> None:
@@ -163,7 +163,7 @@ def prune_admm(
     patience: int = 3,
     rho_every: int = 10,
     refit_solver: str = "auto",
-    tf32: bool = False,
+    tf32: bool | None = None,
     max_memory: int | str | None = None,
 ) -> PrunerOutput:
     """ADMM pruning of ``weight (M, K)`` to ``layout``, warm-started from ``init`` (module docstring).
@@ -178,7 +178,9 @@ def prune_admm(
         refit_solver: ``"auto" | "direct" | "cg"`` for the final exact refit (see :func:`refine.refit`).
         tf32: TF32 for the float32 matmuls of the ADMM iterations and of the final refit's CG iterations on CUDA,
             on (True) or off (False) whatever the global setting (:func:`sparsekit.kernels.obs_linalg.tf32`); the
-            refit's convergence test (its true residual) and the loss never use it.
+            refit's convergence test (its true residual) and the loss never use it. ``None`` (default): on for
+            float32 work on CUDA (the fast setting; within 0.03% of float64 at the seed shape, BENCHMARKS.md), off
+            for float64 and on the CPU, where it has no effect.
         max_memory: the memory budget (:func:`sparsekit.memory.device_budget`) of the init, the iterations
             (which hold every row at once: :func:`admm_bytes`) and the refit (whose row chunks it plans).
     Raises:
@@ -189,6 +191,8 @@ def prune_admm(
     init_fn = get_pruner(init)
     _check_init_options(init_fn, init, init_options)
     M, K = weight.shape
+    if tf32 is None:
+        tf32 = weight.is_cuda and weight.dtype == torch.float32
     per_row, fixed = admm_bytes(K, weight.dtype)
     plan_rows(M, per_row, fixed, device_budget(weight.device, max_memory), multiple=M, what="admm iterations")
     w0 = weight.clone()
