@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import threading
 import time
 import traceback
@@ -13,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from oracles import tiny_problem
+from ranks import run_ranks
 from sparsekit import prune_weight
 from sparsekit.coupling import SINGLE, ThreadGather
 from sparsekit.errors import CoupledPartError, InputError
@@ -132,21 +131,9 @@ def _rank_job(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("coupling")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("fork")  # the children skip re-importing torch
-    procs = [ctx.Process(target=_rank_job, args=(r, 2, port, str(out))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        if p.is_alive():
-            p.kill()
-    res = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    res = run_ranks(_rank_job, 2, tmp_path_factory.mktemp("coupling"))
     for r, x in enumerate(res):
-        assert "error" not in x, f"rank {r}: {x['error']}"
+        assert x is not None and "error" not in x, f"rank {r}: {x and x['error']}"
     return res
 
 
@@ -212,20 +199,9 @@ NCCL_CASES = (("admm", {}), ("obs-ord", {"ng": 16}))
 def test_two_nccl_ranks_prune_close_to_one_gpu(tmp_path):
     """Through NCCL the parts' GEMMs have other shapes than the whole layer's (cuBLAS rounds differently, TF32):
     the bound of tests/test_parallel.py's two-GPU test, and every rank reports the same whole-layer loss."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_nccl_job, args=(r, 2, port, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(300)
-        if p.is_alive():
-            p.kill()
-    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    res = run_ranks(_nccl_job, 2, tmp_path, cuda=True, timeout_s=300)
     for r, x in enumerate(res):
-        assert "error" not in x, f"rank {r}: {x['error']}"
+        assert x is not None and "error" not in x, f"rank {r}: {x and x['error']}"
     W, H, _ = tiny_problem(64, 512, seed=7)
     for method, opts in NCCL_CASES:
         one = prune_weight(W.float().cuda(0), H.float().cuda(0), "2:4", method, **opts)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from ranks import run_ranks
 from sparsekit.pipeline.distributed import assign, batch_ranges
 
 transformers = pytest.importorskip("transformers")
@@ -115,20 +115,7 @@ def _worker(rank: int, world: int, port: int, job: dict, out: str) -> None:
 
 
 def _spawn(world: int, job: dict, out: Path) -> list[object]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # fork: the children skip re-importing torch and transformers (seconds each); CUDA needs spawn
-    ctx = mp.get_context("spawn" if job.get("backend") == "nccl" else "fork")
-    procs = [ctx.Process(target=_worker, args=(r, world, port, job, str(out))) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        if p.is_alive():
-            p.kill()
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) if (out / f"rank{r}.pt").exists() else None
-            for r in range(world)]
+    return run_ranks(_worker, world, out, job, cuda=job.get("backend") == "nccl")
 
 
 @pytest.fixture(scope="module")

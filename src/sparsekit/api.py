@@ -141,7 +141,8 @@ def prune_weight(
             ``torch.distributed`` ranks: :class:`~sparsekit.coupling.DistGather`). The parts reduce through it
             what couples their rows, so that the concatenated parts are the whole layer's result, and the
             returned ``loss`` is the whole layer's; ``weight``/``mask`` are this part's. The call ends with
-            ``gather.finish()``, or ``gather.abort()`` if it raises. Not with ``devices``. ``None``: one part.
+            ``gather.finish()`` (``inplace`` writes only after it: never when another part failed), or
+            ``gather.abort()`` if it raises. Not with ``devices``. ``None``: one part.
         **options: method options (e.g. ``blocksize`` for SparseGPT); unknown ones raise :class:`InputError`.
 
     Scale: the method sees ``W`` and ``H`` multiplied by exact powers of two that bring their largest entries
@@ -219,8 +220,8 @@ def prune_weight(
                 "pruned one is not; there is nothing to preserve: skip this layer or calibrate on inputs that reach it."
             )
         log.debug("%s %s (%d, %d): loss %.4f in %.3fs", method, pat.name, M, K, loss, elapsed)
-        if inplace:
-            with torch.no_grad():
-                weight.copy_(new)
-            new = weight
-        return PruneResult(new, mask, loss, method, pat.name, elapsed, out.damp, stats)
+    if inplace:  # after the unit: only once every part has succeeded
+        with torch.no_grad():
+            weight.copy_(new)
+        new = weight
+    return PruneResult(new, mask, loss, method, pat.name, elapsed, out.damp, stats)

@@ -176,7 +176,7 @@ class HeldOut:
                 record = {"damp": choice.damp, "damp_mode": choice.damp_mode, "shrink": choice.shrink,
                           "heldout_loss": choice.heldout_loss, "reused": False,
                           "default_heldout_loss": default[0] if default else None}
-            weight.copy_(res.weight)
+        weight.copy_(res.weight)  # after the unit: only once every part has succeeded
         res.stats = {**res.stats, "regularisation": record}
         self.learn(p.name, res.stats)
         return res
