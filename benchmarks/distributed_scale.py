@@ -17,8 +17,9 @@ GPU memory (max over ranks), peak host RSS of rank 0, and a SHA-256 of all prune
 size, so equal hashes across world sizes are expected; ADMM's are cut into one part per rank, whose GEMMs cuBLAS
 rounds differently for each world size, so its hash may differ while its mean loss agrees to float32 rounding
 (on CPUs the hashes agree: tests/test_distributed.py). ``--check`` (one process only) also prunes the same model
-without a process group and records whether the weights are bit-identical. ``--shape tiny --device cpu`` runs the
-same code on CPUs through gloo (a smoke test).
+without a process group and records whether the weights are bit-identical. ``--reg-grid default`` chooses the
+damping on held-out tokens as ``sparsekit prune`` does by default (every linear is then split one part per rank;
+rows labelled ``METHOD+reg``). ``--shape tiny --device cpu`` runs the same code on CPUs through gloo (a smoke test).
 """
 
 from __future__ import annotations
@@ -61,11 +62,13 @@ def _digest(model) -> str:
 def _prune(args, method: str, device: str):
     from sparsekit.pipeline import PruneConfig, prune_model_
     from sparsekit.pruners import METHODS
+    from sparsekit.regularize import DEFAULT_GRID
 
     model = _model(args.shape, args.layers, getattr(torch, args.dtype))
     calib = torch.randint(0, 1024, (args.nseq, args.seq_len), generator=torch.Generator().manual_seed(1))
+    heldout = dict(reg_grid=DEFAULT_GRID, reg_scope="model") if args.reg_grid == "default" else {}
     cfg = PruneConfig(pattern=args.pattern, method=method, options=dict(METHODS[method].options),
-                      device=device, batch_size=args.batch_size, row_parts=args.row_parts)
+                      device=device, batch_size=args.batch_size, row_parts=args.row_parts, **heldout)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -101,7 +104,7 @@ def run(args) -> None:
             stage = lay.name.rsplit(".", 1)[-1]
             stages[stage] = stages.get(stage, 0.0) + lay.time_s
         row = {
-            "method": method, "world": world, "shape": args.shape, "layers": args.layers, "pattern": args.pattern,
+            "method": method + ("+reg" if args.reg_grid == "default" else ""), "world": world, "shape": args.shape, "layers": args.layers, "pattern": args.pattern,
             "tokens": args.nseq * args.seq_len, "wall_s": wall, "prune_s_by_linear": stages,
             "mean_loss": report.mean_loss, "gpu_peak_bytes": int(peak.item()),
             "host_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -112,8 +115,8 @@ def run(args) -> None:
         del model
     lead = leave()
     if lead and args.check and world == 1:  # the same runs without a process group
-        for row in rows:
-            plain, _, plain_wall = _prune(args, row["method"], device)
+        for row, method in zip(rows, args.method):
+            plain, _, plain_wall = _prune(args, method, device)
             row.update(plain_wall_s=plain_wall, identical_to_plain=_digest(plain) == row["weights_sha256"])
             del plain
     if lead:
@@ -149,6 +152,9 @@ def main() -> None:
     ap.add_argument("--row-parts", type=int, default=8)
     ap.add_argument("--device", default=None, help="cpu forces gloo; default: one GPU per rank")
     ap.add_argument("--check", action="store_true", help="one process: also prune without a process group, compare")
+    ap.add_argument("--reg-grid", choices=("none", "default"), default="none",
+                    help="default: choose the damping on held-out tokens as `sparsekit prune` does by default "
+                         "(every linear then splits one part per rank); rows are labelled METHOD+reg")
     ap.add_argument("--table", action="store_true", help="only print the table of the JSON files in --out")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out/distributed"))
     args = ap.parse_args()

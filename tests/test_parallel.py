@@ -188,13 +188,17 @@ def test_a_gpu_part_and_a_cpu_part_gather_on_the_weights_device():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-@pytest.mark.parametrize("method,opts", [("true-obs", dict(ng=8, order="largest_first")), ("sparsegpt", {}),
-                                         ("admm", {}), ("obs-ord", dict(ng=16))])
-def test_two_gpus_equal_one_gpu(method, opts):
+@pytest.mark.parametrize("method,opts,flips", [
+    ("true-obs", dict(ng=8, order="largest_first"), 1e-3), ("sparsegpt", {}, 1e-3),
+    ("admm", {}, 1e-2), ("obs-ord", dict(ng=16), 1e-2),
+])
+def test_two_gpus_equal_one_gpu(method, opts, flips):
+    """TF32/fp16 ties may flip a few mask entries; in ADMM and OBS-ord a flip also moves the reduced counts or
+    costs that steer every row, so their bound on flips is looser (not measured yet: no two-GPU machine lent)."""
     W, H, _ = tiny_problem(64, 512, seed=7)
     W, H = W.float().cuda(0), H.float().cuda(0)
     one = prune_weight(W, H, "2:4", method, **opts)
     two = prune_weight(W, H, "2:4", method, devices=["cuda:0", "cuda:1"], **opts)
     assert two.weight.device == W.device and two.stats["devices"] == ["cuda:0", "cuda:1"]
-    assert (two.mask != one.mask).float().mean().item() < 1e-3  # TF32/fp16 ties may flip a few
+    assert (two.mask != one.mask).float().mean().item() < flips
     assert abs(two.loss / one.loss - 1) < 1e-3
