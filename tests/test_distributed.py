@@ -293,6 +293,20 @@ def test_a_pruner_error_on_its_owner_reaches_every_rank(one_rank_group):
     assert all(torch.equal(p.module.weight, b) for p, b in zip((q, k), before))
 
 
+def test_any_error_of_a_part_is_exchanged_not_left_to_the_timeout(one_rank_group, monkeypatch):
+    """An error that is not sparsekit's (it might not pickle) reaches every rank as a RuntimeError naming it."""
+    from sparsekit.pipeline import distributed
+    from sparsekit.pipeline.blocks import plan_layers
+
+    def broken(*a, **kw):
+        raise KeyError("a CUDA error, say")
+
+    monkeypatch.setattr(distributed, "prune_weight", broken)
+    _, _, plans = plan_layers(_model(), _config("2:4-pairs"))
+    with pytest.raises(RuntimeError, match=r"rank 0, .*k_proj: KeyError: .*a CUDA error"):
+        distributed.Group(6, torch.device("cpu")).prune(plans[0][:2], torch.eye(64), _config("2:4-pairs"))
+
+
 def test_fewer_batches_than_ranks_is_refused(one_rank_group, monkeypatch):
     import torch.distributed as dist
 

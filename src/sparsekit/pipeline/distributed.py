@@ -38,10 +38,11 @@ runs :func:`sparsekit.pipeline.run.prune_model_` on the same model, config and c
   of them see); rank 0 alone writes (the activations gathered from every rank) and the others wait at a barrier. Rank 0 alone reports progress; :mod:`sparsekit.cli.prune` lets only rank 0 save.
 - **Reports**: every rank builds the same :class:`ModelReport`; a split linear's ``time_s`` is the sum of its
   parts' pruning times (compute, not wall time) and its ``stats`` gain ``ranks`` and ``rows_per_part``.
-- **Failures**: a part that raises a :class:`~sparsekit.errors.SparsekitError` (bad input, a Hessian that
-  cannot be factored, a memory budget) stops the other parts of its linear at their next reduction
-  (:class:`~sparsekit.errors.CoupledPartError`), and every rank raises the original error after the exchange.
-  A collective that fails (a rank died, or none answered within ``SPARSEKIT_DIST_TIMEOUT`` seconds, default
+- **Failures**: a part that raises (a :class:`~sparsekit.errors.SparsekitError`: bad input, a Hessian that
+  cannot be factored, a memory budget; or another error, sent as a ``RuntimeError`` naming it) stops the other
+  parts of its linear at their next reduction (:class:`~sparsekit.errors.CoupledPartError`), and every rank
+  raises the original error after the exchange. A rank that dies (killed, or an error outside pruning) is seen
+  by the backend: gloo at once, NCCL after the timeout. A collective that fails (a rank died, or none answered within ``SPARSEKIT_DIST_TIMEOUT`` seconds, default
   1800) raises :class:`~sparsekit.errors.DistributedError`; finished blocks stay checkpointed and ``--resume``
   continues with any world size.
 
@@ -316,7 +317,10 @@ class Group:
                 else:
                     res = prune_weight(w, H, p.pattern, p.method, damp=config.damp, damp_mode=config.damp_mode,
                                        inplace=True, gather=gather, **p.options)
-            except SparsekitError as e:  # every rank raises it after the exchange, none waits for this one
+            except Exception as e:  # every rank raises it after the exchange, none waits for this one
+                if not isinstance(e, SparsekitError):  # (e.g. a CUDA error) sent as text: it may not pickle
+                    log.error("rank %d: pruning %s failed", self.rank, p.name, exc_info=True)
+                    e = RuntimeError(f"rank {self.rank}, {p.name}: {type(e).__name__}: {e}")
                 meta[k] = {"error": e}
                 masks.append(torch.zeros(w.shape, dtype=torch.uint8, device=w.device))
                 continue
