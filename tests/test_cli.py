@@ -159,6 +159,7 @@ def test_importing_sparsekit_and_every_submodule_never_initialises_cuda() -> Non
 #: layers of the package, top (cli) to bottom (errors); a module imports only its own layer or lower ones
 _LAYERS = {"cli": 5, "__main__": 5, "pipeline": 4, "bench": 4, "evaluate": 4, "data": 4, "compact": 4, "sparsekit": 4, "api": 3, "regularize": 3,
            "pruners": 2, "refine": 2, "parallel": 2, "patterns": 1, "hessian": 1, "metrics": 1, "memory": 1, "kernels": 1,
+           "coupling": 1,
            "errors": 0}
 
 

@@ -1,5 +1,6 @@
 """``prune_model_`` under torch.distributed (gloo on localhost): 2 and 3 ranks give the weights and masks of one
-process bit for bit, for every method and the four seed patterns; a rank killed mid-block ends the job with
+process bit for bit, for every method and the four seed patterns (ADMM and OBS-ord split over the ranks; the 2:4
+job chooses its regularisation on held-out tokens); a rank killed mid-block ends the job with
 :class:`DistributedError`, and a resumed job (with another world size) gives the same result again."""
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from ranks import run_ranks
 from sparsekit.pipeline.distributed import assign, batch_ranges
 
 transformers = pytest.importorskip("transformers")
 
 SEED_PATTERNS = ("2:4", "2:4-pairs", "coupled-2:4", "rowpair-16")
-#: every method on some linear of the two blocks (ADMM and OBS-ord twice: q/k/v and o/gate/up stages)
+#: every method on some linear of the two blocks (ADMM and OBS-ord twice: q/k/v and o/gate/up stages; 32 or 64 rows,
+#: so 2 or 3 parts: under 3 ranks the 32-row ones run on a subgroup of ranks 0 and 1)
 METHOD_OF = {
     "0.self_attn.q_proj": "true-obs", "0.self_attn.k_proj": "admm", "0.self_attn.v_proj": "obs-ord",
     "0.self_attn.o_proj": "sparsegpt", "0.mlp.gate_proj": "obs-full", "0.mlp.up_proj": "obs-split",
@@ -26,6 +28,9 @@ METHOD_OF = {
     "1.self_attn.v_proj": "obs-local", "1.self_attn.o_proj": "admm", "1.mlp.gate_proj": "true-obs",
     "1.mlp.up_proj": "obs-ord", "1.mlp.down_proj": "sparsegpt",
 }
+#: options that make the rows' coupling matter: several OBS-ord batches, ADMM's iterations, a CG refit
+OPTIONS = {"0.self_attn.k_proj": {"iters": 60}, "1.self_attn.o_proj": {"iters": 60, "refit_solver": "cg"},
+           "0.self_attn.v_proj": {"ng": 2}, "1.mlp.up_proj": {"ng": 3}}
 TIMEOUT_S = "30"
 
 
@@ -43,11 +48,14 @@ def _calib() -> torch.Tensor:
 def _config(pattern: str, device: str = "cpu"):
     from sparsekit.pipeline.config import PruneConfig, Rule
 
-    rules = [Rule(rf"layers\.{name.replace('.', '[.]')}$", method, None, {"iters": 60} if method == "admm" else {})
+    rules = [Rule(rf"layers\.{name.replace('.', '[.]')}$", method, None, OPTIONS.get(name, {}))
              for name, method in METHOD_OF.items()]
-    # coupled-2:4 also covers sequential="block" (a stage of several groups)
+    # coupled-2:4 also covers sequential="block" (a stage of several groups); 2:4 the held-out regularisation
+    # (2 of the 6 sequences held out: under 3 ranks one rank has none), chosen in block 0, reused in block 1
+    heldout = dict(reg_grid=((0.01, "mean"), (0.1, "diag")), heldout_fraction=0.3, reg_scope="model")
     return PruneConfig(pattern=pattern, method="sparsegpt", rules=rules, batch_size=1, device=device, row_parts=4,
-                       sequential="block" if pattern == "coupled-2:4" else "layer")
+                       sequential="block" if pattern == "coupled-2:4" else "layer",
+                       **(heldout if pattern == "2:4" else {}))
 
 
 def _prune(pattern: str, device: str = "cpu", **kw) -> dict[str, torch.Tensor]:
@@ -95,7 +103,8 @@ def _worker(rank: int, world: int, port: int, job: dict, out: str) -> None:
     for pat in job["patterns"]:
         current[0] = pat
         try:
-            result[pat] = _prune(pat, job.get("device", "cpu"), **job.get("kw", {}).get(pat, {}))
+            device = job.get("device", "cpu")
+            result[pat] = _prune(pat, f"cuda:{rank}" if device == "cuda" else device, **job.get("kw", {}).get(pat, {}))
         except Exception as e:  # the test reads it
             result["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
         torch.save(result, Path(out) / f"rank{rank}.pt")  # what a rank did before it died stays
@@ -106,20 +115,7 @@ def _worker(rank: int, world: int, port: int, job: dict, out: str) -> None:
 
 
 def _spawn(world: int, job: dict, out: Path) -> list[object]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # fork: the children skip re-importing torch and transformers (seconds each); CUDA needs spawn
-    ctx = mp.get_context("spawn" if job.get("backend") == "nccl" else "fork")
-    procs = [ctx.Process(target=_worker, args=(r, world, port, job, str(out))) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        if p.is_alive():
-            p.kill()
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) if (out / f"rank{r}.pt").exists() else None
-            for r in range(world)]
+    return run_ranks(_worker, world, out, job, cuda=job.get("backend") == "nccl")
 
 
 @pytest.fixture(scope="module")
@@ -184,18 +180,28 @@ def test_batch_ranges_cover_in_order():
             assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
 
 
-def test_assign_balances_and_keeps_coupled_methods_whole():
+def test_assign_spreads_separable_parts_and_splits_coupled_linears_over_the_ranks():
     from sparsekit.pipeline.blocks import plan_layers
+    from sparsekit.pipeline.distributed import coupled_rows
 
     model = _model()
-    _, _, plans = plan_layers(model, _config("2:4"))
+    _, _, plans = plan_layers(model, _config("2:4-pairs"))
     stage = [p for p in plans[0] if "self_attn" in p.name and "o_proj" not in p.name]  # q true-obs, k admm, v obs-ord
-    items = assign(stage, 4, 3)
-    parts = {p.name.rsplit(".", 1)[-1]: [(it.start, it.stop) for it in items if it.plan is p] for p in stage}
-    assert parts == {"q_proj": [(0, 16), (16, 32), (32, 48), (48, 64)], "k_proj": [(0, 32)], "v_proj": [(0, 32)]}
+    coupled = {p.name for p in stage if coupled_rows(p, False)}
+    assert {n.rsplit(".", 1)[-1] for n in coupled} == {"k_proj", "v_proj"}
+    assert all(coupled_rows(p, True) for p in stage)  # a held-out choice couples every linear
+    items = assign(stage, 4, 3, coupled)
+    parts = {p.name.rsplit(".", 1)[-1]: [(it.start, it.stop, it.owner) for it in items if it.plan is p] for p in stage}
+    # 32 rows = 2 units of 16: parts on ranks 0 and 1, first; q's 4 separable parts to the least-loaded ranks
+    assert parts["k_proj"] == [(0, 16, 0), (16, 32, 1)] and parts["v_proj"] == [(0, 16, 0), (16, 32, 1)]
+    assert [it.plan.name.rsplit(".", 1)[-1] for it in items[:4]] == ["k_proj"] * 2 + ["v_proj"] * 2
+    assert [(a, b) for a, b, _ in parts["q_proj"]] == [(0, 16), (16, 32), (32, 48), (48, 64)]
+    assert all(it.coupled and it.parts == 2 for it in items[:4]) and not any(it.coupled for it in items[4:])
     load = [sum(it.cost for it in items if it.owner == r) for r in range(3)]
     assert max(load) - min(load) <= max(it.cost for it in items)  # largest-first greedy bound
-    assert assign(stage, 4, 3) == items  # every rank computes the same assignment
+    assert assign(stage, 4, 3, coupled) == items  # every rank computes the same assignment
+    assert [(it.start, it.stop, it.owner) for it in assign(stage, 4, 2, coupled) if it.plan is stage[1]] == \
+        [(0, 16, 0), (16, 32, 1)]
 
 
 @pytest.mark.gpu
@@ -213,6 +219,27 @@ def test_one_nccl_rank_matches_the_gpu_run_without_a_group(tmp_path):
             g = got[pat][name]
             assert torch.equal(g != 0, w != 0), f"{pat} {name}: masks differ"
             assert float((g.double() - w.double()).norm() / w.double().norm()) < 1e-5, f"{pat} {name}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_nccl_ranks_stay_close_to_the_gpu_run_without_a_group(tmp_path):
+    """Two GPUs through NCCL: ADMM and OBS-ord split over the ranks (their reductions through NCCL). Their parts'
+    GEMMs round differently from the whole linear's, and block 1 sees block 0's result, so the bound is on the
+    agreement, not bit identity (2:4 is left out: its held-out choice between two dampings may flip on a near tie
+    and change a whole layer)."""
+    pats = [p for p in SEED_PATTERNS if p != "2:4"]
+    want = {pat: _prune(pat, "cuda:0") for pat in pats}
+    got = _spawn(2, {"patterns": pats, "backend": "nccl", "device": "cuda"}, tmp_path)
+    for r, res in enumerate(got):
+        assert res is not None and "error" not in res, f"rank {r}: {res and res['error']}"
+        for pat in pats:
+            assert res[pat].keys() == want[pat].keys()
+            for name, w in want[pat].items():
+                g = res[pat][name]
+                assert torch.equal(g, got[0][pat][name]), f"rank {r} {pat} {name}: ranks differ"
+                assert ((g != 0) != (w != 0)).float().mean() < 0.01, f"{pat} {name}: masks differ by > 1%"
+                assert float((g.double() - w.double()).norm() / w.double().norm()) < 0.05, f"{pat} {name}"
 
 
 @pytest.fixture
@@ -256,14 +283,28 @@ def test_a_pruner_error_on_its_owner_reaches_every_rank(one_rank_group):
     from sparsekit.pipeline.distributed import Group
 
     model = _model()
-    _, _, plans = plan_layers(model, _config("2:4"))
-    q = plans[0][0]
-    before = q.module.weight.detach().clone()
+    _, _, plans = plan_layers(model, _config("2:4-pairs"))
+    q, k = plans[0][:2]  # true-obs in row parts, admm coupled over the ranks
+    before = [p.module.weight.detach().clone() for p in (q, k)]
     H = torch.eye(64)
     H[0, 1] = 1.0  # not symmetric: prune_weight refuses it
     with pytest.raises(HessianError, match="not symmetric"):
-        Group(6, torch.device("cpu")).prune([q], H, _config("2:4"))
-    assert torch.equal(q.module.weight, before)
+        Group(6, torch.device("cpu")).prune([q, k], H, _config("2:4-pairs"))
+    assert all(torch.equal(p.module.weight, b) for p, b in zip((q, k), before))
+
+
+def test_any_error_of_a_part_is_exchanged_not_left_to_the_timeout(one_rank_group, monkeypatch):
+    """An error that is not sparsekit's (it might not pickle) reaches every rank as a RuntimeError naming it."""
+    from sparsekit.pipeline import distributed
+    from sparsekit.pipeline.blocks import plan_layers
+
+    def broken(*a, **kw):
+        raise KeyError("a CUDA error, say")
+
+    monkeypatch.setattr(distributed, "prune_weight", broken)
+    _, _, plans = plan_layers(_model(), _config("2:4-pairs"))
+    with pytest.raises(RuntimeError, match=r"rank 0, .*k_proj: KeyError: .*a CUDA error"):
+        distributed.Group(6, torch.device("cpu")).prune(plans[0][:2], torch.eye(64), _config("2:4-pairs"))
 
 
 def test_fewer_batches_than_ranks_is_refused(one_rank_group, monkeypatch):

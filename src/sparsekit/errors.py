@@ -38,6 +38,11 @@ class DistributedError(SparsekitError):
     """A collective of a ``torch.distributed`` run failed: another rank died or did not answer in time."""
 
 
+class CoupledPartError(SparsekitError):
+    """Another row part of the same layer failed (:mod:`sparsekit.coupling`): that part raised its own error, which
+    says what went wrong; this one only ends the waiting parts."""
+
+
 class MissingTextError(InputError):
     """A named text source is not on this machine; the message names the Debian package that provides it."""
 

@@ -3,6 +3,9 @@
 ``L(W') = ‖X (W' − W)ᵀ‖²_F = tr((W' − W) H (W' − W)ᵀ)``; the seed's "Norm. Loss" is the relative output error
 ``sqrt(L / tr(W H Wᵀ))``. Both are computed in float64, on ``W`` and ``H`` brought to unit scale by exact powers
 of two (:func:`pow2_scale`), so no scale the input's float format can hold overflows or underflows them.
+
+With ``gather`` (:mod:`sparsekit.coupling`) the weight is one row part of a layer: the scale and the traces are
+reduced over the parts, so every part gets the whole layer's value.
 """
 
 from __future__ import annotations
@@ -12,18 +15,20 @@ import math
 import torch
 from torch import Tensor
 
+from sparsekit.coupling import SINGLE, Gather
+
 __all__ = ["pow2_scale", "quadratic_loss", "relative_error", "relative_error_x"]
 
 
-def pow2_scale(x: Tensor, dtype: torch.dtype = torch.float64) -> float:
+def pow2_scale(x: Tensor, dtype: torch.dtype = torch.float64, gather: Gather = SINGLE) -> float:
     """The power of two ``2^-e`` that brings ``max|x|`` into ``[0.5, 1)`` (1.0 for an all-zero ``x``), clamped to
     the normal powers of two of ``dtype`` (the dtype it will multiply), so that it and its inverse are finite there.
 
     Multiplying by it is exact (barring underflow of entries ``2^-e`` times below the largest), so scores computed
     from ``x · pow2_scale(x)`` are the same for ``x`` and ``c · x`` whenever ``c`` is a power of two, and equal up
-    to the rounding of ``c · x`` itself for any other ``c``.
+    to the rounding of ``c · x`` itself for any other ``c``. With ``gather``: ``max|x|`` over every row part.
     """
-    amax = x.detach().abs().max().double()
+    amax = gather.max(x.detach().abs().max())
     if amax == 0:
         return 1.0
     _, e = torch.frexp(amax)
@@ -37,18 +42,20 @@ def quadratic_loss(delta: Tensor, hessian: Tensor) -> Tensor:
     return ((d @ hessian.double()) * d).sum(1)
 
 
-def relative_error(weight: Tensor, pruned: Tensor, hessian: Tensor) -> float:
+def relative_error(weight: Tensor, pruned: Tensor, hessian: Tensor, gather: Gather = SINGLE) -> float:
     """``sqrt(tr(δ H δᵀ) / tr(W H Wᵀ))`` with ``δ = pruned − weight``: the relative output error through H.
 
     ``W``, ``W'`` and ``H`` are rescaled by exact powers of two first; a numerator that rounding makes slightly
     negative (low-rank ``H``) is clamped at 0 before the root, so the result is never NaN. ``tr(W H Wᵀ) = 0``
-    (a zero output to preserve) gives 0 if ``δ H δᵀ`` is 0 too and ``inf`` otherwise.
+    (a zero output to preserve) gives 0 if ``δ H δᵀ`` is 0 too and ``inf`` otherwise. With ``gather`` the rows
+    are one part of a layer and the result is the whole layer's (both traces summed over the parts).
     """
-    sw, sh = pow2_scale(weight), pow2_scale(hessian)
+    sw, sh = pow2_scale(weight, gather=gather), pow2_scale(hessian)
     w = weight.double() * sw  # (M, K)
     h = hessian.double() * sh  # (K, K)
-    num = quadratic_loss(pruned.double() * sw - w, h).sum().clamp_min(0.0).item()
-    den = quadratic_loss(w, h).sum().item()
+    traces = torch.stack([quadratic_loss(pruned.double() * sw - w, h).sum(), quadratic_loss(w, h).sum()])  # (2,)
+    num, den = gather.sum(traces).tolist()
+    num = max(num, 0.0)
     if den <= 0:
         return 0.0 if num == 0 else math.inf
     return math.sqrt(num / den)

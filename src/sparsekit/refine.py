@@ -48,6 +48,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from sparsekit.coupling import SINGLE, Gather
 from sparsekit.errors import HessianError, InputError
 from sparsekit.hessian import damped_hessian, scaled_hessian
 from sparsekit.kernels import obs_linalg
@@ -141,6 +142,7 @@ def _refit_cg(
     tol: float,
     max_iter: int,
     tf32: bool,
+    gather: Gather = SINGLE,
     check_every: int = 10,
 ) -> tuple[Tensor, int, float, bool]:
     """Eq. (1) by CG on the unit-diagonal ``hd`` (already Jacobi-scaled), all rows at once: solve
@@ -149,8 +151,9 @@ def _refit_cg(
     The right-hand side and the true residual (recomputed every ``check_every`` iterations) use the working
     precision; the products of the iterations use TF32 when ``tf32`` (CUDA; residual replacement resets their
     errors at every check). The best iterate so far is kept, and the loop stops at ``tol``, after ``max_iter``,
-    or when three checks in a row bring no improvement (round-off floor). Call it inside
-    ``obs_linalg.tf32(False)``. Returns ``(best update (zero off the mask), iterations, its max relative
+    or when three checks in a row bring no improvement (round-off floor). Rows are independent but for that
+    stop: with ``gather`` the residual is the largest over every row part (:mod:`sparsekit.coupling`). Call it
+    inside ``obs_linalg.tf32(False)``. Returns ``(best update (zero off the mask), iterations, its max relative
     residual, stalled)``."""
     tiny = torch.finfo(w0.dtype).tiny
     m = mask.to(w0.dtype)  # (M, K)
@@ -160,7 +163,7 @@ def _refit_cg(
     bn = b.norm(dim=1).clamp_min(tiny)  # (M,)
     p = r.clone()
     rr = (r * r).sum(1)  # (M,)
-    it, res = 0, float((r.norm(dim=1) / bn).max())
+    it, res = 0, float(gather.max((r.norm(dim=1) / bn).max()))
     best_x, best_res, stall = x.clone(), res, 0
     while it < max_iter and res > tol and stall < 3:
         with obs_linalg.tf32(tf32):
@@ -171,7 +174,7 @@ def _refit_cg(
         it += 1
         if it % check_every == 0 or it == max_iter:
             r = b - (x @ hd) * m  # true residual against drift
-            res = float((r.norm(dim=1) / bn).max())
+            res = float(gather.max((r.norm(dim=1) / bn).max()))
             if res < 0.7 * best_res:
                 best_x, best_res, stall = x.clone(), res, 0
             else:
@@ -197,6 +200,7 @@ def refit(
     max_iter: int = 1000,
     tf32: bool = False,
     max_memory: int | str | None = None,
+    gather: Gather = SINGLE,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Exact least-squares refit (eq. 1): the optimal weights for ``mask`` under ``hessian_d``.
 
@@ -213,6 +217,8 @@ def refit(
             from their best iterate with float32 products, so the accuracy reached is float32's.
         max_memory: the memory budget (:func:`sparsekit.memory.device_budget`): the direct solver's row chunks
             are planned from it (:func:`refit_direct_bytes`); CG must fit whole (:func:`refit_cg_bytes`).
+        gather: the rows are one part of a layer (:mod:`sparsekit.coupling`): ``"auto"`` chooses for all parts
+            (direct if any part is on the CPU), and CG stops on the largest residual over the parts.
     Returns:
         ``(weights (M, K) with exact zeros off the mask, stats)``.
     """
@@ -220,7 +226,8 @@ def refit(
         raise InputError(f"refit solver must be one of {', '.join(REFIT_SOLVERS)}, got {solver!r}.")
     M, K = weight0.shape
     if solver == "auto":
-        solver = "direct" if weight0.device.type == "cpu" else "cg"
+        on_cpu = bool(gather.max(torch.tensor(float(weight0.device.type == "cpu"))))  # every part decides alike
+        solver = "direct" if on_cpu else "cg"
     budget = device_budget(weight0.device, max_memory)
     if solver == "cg":
         require(refit_cg_bytes(M, K, weight0.dtype), budget, "refit (cg)")
@@ -234,9 +241,10 @@ def refit(
         tol = 1e-10 if weight0.dtype == torch.float64 else 1e-5
     xs = None if x0 is None else x0 * d - ws
     with obs_linalg.tf32(False):  # (the flag only affects CUDA matmuls; CPU runs take the same code path)
-        x, it, res, stalled = _refit_cg(ws, hs, mask, xs, tol, max_iter, tf32)
-        if tf32 and ws.is_cuda and res > tol and it < max_iter:  # TF32 stalled: finish with float32 products
-            x, it2, res, stalled = _refit_cg(ws, hs, mask, x, tol, max_iter - it, False)
+        x, it, res, stalled = _refit_cg(ws, hs, mask, xs, tol, max_iter, tf32, gather)
+        # TF32 stalled (on some part: every part takes the same branch): finish with float32 products
+        if res > tol and it < max_iter and bool(gather.max(torch.tensor(float(tf32 and ws.is_cuda)))):
+            x, it2, res, stalled = _refit_cg(ws, hs, mask, x, tol, max_iter - it, False, gather)
             it += it2
     out = (ws + x) * mask
     if res > tol:  # at the float round-off floor (stalled) that is expected: H_RR's conditioning sets it
@@ -632,10 +640,12 @@ def refine_result(
     damp_mode: str,
     progress_fn: Callable[[str], None] | None = None,
     max_memory: int | str | None = None,
+    gather: Gather = SINGLE,
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Apply ``refine`` then ``refit`` to a method's ``(weight, mask)`` within the memory budget ``max_memory``;
     keep each step only if the true loss (through the undamped ``hessian``) does not increase. Returns
-    ``(weight, mask, stats)``.
+    ``(weight, mask, stats)``. With ``gather`` the rows are one part of a layer (:mod:`sparsekit.coupling`): the
+    losses that decide are the whole layer's, the swap search's own statistics this part's.
 
     ``refine="swap"`` ends with the refit of its mask; a ``refit`` after a kept swap would recompute the same
     weights and is skipped (``stats["refit_by"] = "swap"``)."""
@@ -644,21 +654,21 @@ def refine_result(
         return weight, mask, stats
     hd, rel, _ = damped_hessian(hessian, damp, damp_mode)
     stats["refine_damp"] = rel
-    loss = relative_error(weight0, weight, hessian)
+    loss = relative_error(weight0, weight, hessian, gather)
     refit_done = False
     if refine == "swap":
         new_mask, st = swap_search(weight0, hd, layout, mask, max_sweeps=max_sweeps, progress_fn=progress_fn,
                                    max_memory=max_memory)
-        new_w, st_fit = refit(weight0, hd, new_mask, x0=weight, max_memory=max_memory)
-        new_loss = relative_error(weight0, new_w, hessian)
+        new_w, st_fit = refit(weight0, hd, new_mask, x0=weight, max_memory=max_memory, gather=gather)
+        new_loss = relative_error(weight0, new_w, hessian, gather)
         stats.update(st, **st_fit, swap_loss_before=loss, swap_loss_after=new_loss, swap_kept=new_loss <= loss)
         if new_loss <= loss:
             weight, mask, loss, refit_done = new_w, new_mask, new_loss, True
     if refit_weights and refit_done:
         stats["refit_by"] = "swap"
     elif refit_weights:
-        new_w, st_fit = refit(weight0, hd, mask, x0=weight, max_memory=max_memory)
-        new_loss = relative_error(weight0, new_w, hessian)
+        new_w, st_fit = refit(weight0, hd, mask, x0=weight, max_memory=max_memory, gather=gather)
+        new_loss = relative_error(weight0, new_w, hessian, gather)
         stats.update(st_fit, refit_loss_before=loss, refit_loss_after=new_loss, refit_kept=new_loss <= loss)
         if new_loss <= loss:
             weight, loss = new_w, new_loss

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from sparsekit.api import PruneResult, prune_weight
+from sparsekit.coupling import SINGLE, Gather
 from sparsekit.errors import InputError
 from sparsekit.hessian import DAMP_MODES, check_hessian
 from sparsekit.metrics import relative_error
@@ -66,9 +67,10 @@ class RegularisationChoice:
                 "heldout_loss": self.heldout_loss, "calib_loss": self.result.loss, "table": self.table}
 
 
-def heldout_loss(weight: Tensor, pruned: Tensor, h_heldout: Tensor) -> float:
-    """The relative output error of ``pruned (M, K)`` on the held-out tokens, through their ``H (K, K)``."""
-    return relative_error(weight, pruned, h_heldout)
+def heldout_loss(weight: Tensor, pruned: Tensor, h_heldout: Tensor, gather: Gather = SINGLE) -> float:
+    """The relative output error of ``pruned (M, K)`` on the held-out tokens, through their ``H (K, K)`` (the
+    whole layer's when the rows are one part of it, ``gather``: :mod:`sparsekit.coupling`)."""
+    return relative_error(weight, pruned, h_heldout, gather)
 
 
 def shrink_update(weight: Tensor, pruned: Tensor, mask: Tensor, alpha: float) -> Tensor:
@@ -77,12 +79,13 @@ def shrink_update(weight: Tensor, pruned: Tensor, mask: Tensor, alpha: float) ->
     return torch.lerp(pruned, kept, alpha)  # (M, K); exact at α = 0 and α = 1
 
 
-def shrink_result(weight: Tensor, res: PruneResult, h_calib: Tensor, alpha: float) -> PruneResult:
+def shrink_result(weight: Tensor, res: PruneResult, h_calib: Tensor, alpha: float,
+                  gather: Gather = SINGLE) -> PruneResult:
     """``res`` with its update shrunk by ``α`` (:func:`shrink_update`), its loss through ``h_calib``; ``α = 0``: ``res``."""
     if alpha == 0:
         return res
     w = shrink_update(weight, res.weight, res.mask, alpha)  # (M, K)
-    return PruneResult(weight=w, mask=res.mask, loss=relative_error(weight, w, h_calib), method=res.method,
+    return PruneResult(weight=w, mask=res.mask, loss=relative_error(weight, w, h_calib, gather), method=res.method,
                        pattern=res.pattern, time_s=res.time_s, damp=res.damp, stats={**res.stats, "shrink": alpha})
 
 
@@ -121,6 +124,7 @@ def choose_regularisation(
     grid: Sequence[tuple[float, str]] = DEFAULT_GRID,
     *,
     shrinks: Sequence[float] = (0.0,),
+    gather: Gather | None = None,
     **options: Any,
 ) -> RegularisationChoice:
     """Prune ``weight (M, K)`` on ``h_calib`` once per grid point; keep the lowest held-out layer loss.
@@ -132,6 +136,8 @@ def choose_regularisation(
         pattern, method, options: as for :func:`sparsekit.prune_weight` (``damp``/``damp_mode`` come from the grid).
         grid: ``(damp, damp_mode)`` candidates, distinct.
         shrinks: update shrinks ``α`` tried on each pruned result (see the module docstring); ``(0.0,)``: off.
+        gather: ``weight`` is one row part of a layer (as for :func:`sparsekit.prune_weight`): the losses are the
+            whole layer's, so every part makes the same choice.
 
     Returns:
         a :class:`RegularisationChoice`; ties go to the earlier grid point, then the smaller shrink.
@@ -154,11 +160,12 @@ def choose_regularisation(
     best: tuple[float, int, float] | None = None  # (held-out loss, grid index, shrink)
     best_result: PruneResult | None = None
     table = []
+    part = SINGLE if gather is None else gather
     for g, (damp, mode) in enumerate(points):
-        res = prune_weight(weight, h_calib, pattern, method, damp=damp, damp_mode=mode, **options)
+        res = prune_weight(weight, h_calib, pattern, method, damp=damp, damp_mode=mode, gather=gather, **options)
         for alpha in sorted(float(a) for a in shrinks):
-            shrunk = shrink_result(weight, res, h_calib, alpha)
-            loss = heldout_loss(weight, shrunk.weight, h_heldout)
+            shrunk = shrink_result(weight, res, h_calib, alpha, part)
+            loss = heldout_loss(weight, shrunk.weight, h_heldout, part)
             table.append({"damp": damp, "damp_mode": mode, "shrink": alpha, "heldout_loss": loss,
                           "calib_loss": shrunk.loss})
             if best is None or loss < best[0]:

@@ -149,12 +149,7 @@ def _regularisation_config(args: argparse.Namespace) -> dict[str, Any]:
     """The ``reg_*`` / ``heldout_fraction`` fields of :class:`PruneConfig` from ``--reg-grid`` and its flags."""
     from sparsekit.regularize import DEFAULT_GRID
 
-    spec = args.reg_grid
-    if spec is None:  # default: on, except under torchrun (not supported across ranks yet)
-        import torch.distributed as dist
-
-        spec = "none" if dist.is_available() and dist.is_initialized() else "default"
-    spec = spec.strip().lower()
+    spec = args.reg_grid.strip().lower()
     if spec in ("", "none", "off"):
         return {}
     if spec == "default":
@@ -311,10 +306,11 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N: where each block is calibrated and pruned")
     p.add_argument("--offload", action="store_true", help="keep calibration activations on the CPU between blocks")
     p.add_argument("--prune-devices", nargs="+", default=None, metavar="DEV",
-                   help="split each layer's rows across these devices for pruning (e.g. cuda:0 cuda:1); methods "
-                        "whose rows are independent only (sparsegpt, true-obs, ...)")
+                   help="one process: split each layer's rows across these devices for pruning, one thread each "
+                        "(e.g. cuda:0 cuda:1); every method. Several GPUs or machines: torchrun instead")
     p.add_argument("--row-parts", type=int, default=8, help="under torchrun: row parts of each row-separable "
-                   "linear, spread over the ranks (fixed, so that every world size gives the same result)")
+                   "linear, spread over the ranks (fixed, so that every world size gives the same result; "
+                   "ADMM, OBS-ord and held-out choices take one part per rank)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="memory budget of the run on --device, e.g. 24GiB or 500MB (default: what the device can "
                         "give); every layer's chunks are planned from it")
@@ -330,11 +326,11 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling")
     p.add_argument("--max-blocks", type=int, default=None, metavar="N",
                    help="prune only the first N blocks (the rest stay dense): a quick trial of a long job")
-    p.add_argument("--reg-grid", default=None, metavar="SPEC",
+    p.add_argument("--reg-grid", default="default", metavar="SPEC",
                    help="choose each layer's damping on held-out calibration tokens: 'default' (sparsekit.regularize."
                         "DEFAULT_GRID; measured better than a fixed damping on every held-out kind of text, "
                         "benchmarks/GENERALISATION_issue16.md), DAMP:MODE,... (e.g. 0.01:mean,0.1:diag), or 'none' "
-                        "(the --option damp= for every layer, all tokens calibrate) (default: default; none under torchrun)")
+                        "(the --option damp= for every layer, all tokens calibrate) (default: default)")
     p.add_argument("--reg-shrinks", default="0", metavar="A,...", help="update shrinks tried with every grid point "
                    "(0: the method's update; e.g. 0,0.25,0.5)")
     p.add_argument("--reg-scope", choices=("layer", "model"), default="model",

@@ -92,13 +92,14 @@ class PruneConfig:
         device: where each block runs and is pruned (``"cpu"``, ``"cuda"``, ...); ``None``: the model's device.
         batch_size: calibration sequences per forward pass.
         offload_activations: keep the calibration activations on the CPU between blocks (saves device memory).
-        prune_devices: split every layer's rows across these devices for pruning (``prune_weight(devices=...)``,
-            e.g. ``("cuda:0", "cuda:1")``); only for the methods whose rows are independent
-            (:data:`sparsekit.parallel.ROW_SEPARABLE`). ``None``: prune on ``device``.
+        prune_devices: split every layer's rows across these devices for pruning, one thread each, in one process
+            (``prune_weight(devices=...)``, e.g. ``("cuda:0", "cuda:1")``; :mod:`sparsekit.parallel`); every
+            method. ``None``: prune on ``device``. Under ``torch.distributed`` each rank is one part instead.
         max_blocks: prune only the first ``max_blocks`` blocks (the rest stay dense); ``None``: every block.
         row_parts: under ``torch.distributed``, the row-separable linears are pruned in this many row parts spread
             over the ranks (:mod:`sparsekit.pipeline.distributed`); fixed here, not by the world size, so that
-            every world size gives the same result. Unused in one process without a process group.
+            every world size gives the same result. (Linears whose rows are coupled — ADMM, OBS-ord, a held-out
+            choice — take one part per rank.) Unused in one process without a process group.
         max_memory: the memory budget of the whole run on ``device``, bytes or a string like ``"24GiB"``
             (:func:`sparsekit.memory.parse_bytes`; stored as bytes). On CUDA a cap on the process's allocated
             bytes; on the CPU on what the pipeline holds for a block plus what ``prune_weight`` allocates.
@@ -143,8 +144,7 @@ class PruneConfig:
         object.__setattr__(self, "rules", tuple(self.rules))
         if self.prune_devices is not None:
             object.__setattr__(self, "prune_devices", tuple(self.prune_devices))
-            for method in {self.method, *(r.method for r in self.rules if r.method not in (None, SKIP))}:
-                parse_devices(self.prune_devices, method)  # InputError unless every method is row-separable
+            parse_devices(self.prune_devices)
         if self.max_blocks is not None and (isinstance(self.max_blocks, bool) or not isinstance(self.max_blocks, int)
                                             or self.max_blocks < 1):
             raise InputError(f"max_blocks must be an int >= 1 or None (every block), got {self.max_blocks!r}.")

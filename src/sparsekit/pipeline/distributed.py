@@ -13,20 +13,38 @@ runs :func:`sparsekit.pipeline.run.prune_model_` on the same model, config and c
   is not associative) and so the masks; the chain costs ``W − 1`` sequential ``K × K`` transfers per group and
   the ``XᵀX`` products run one rank after the other (they are a small part of a block's time: the forward
   passes, which dominate calibration, still run in parallel).
-- **Pruning** of a stage is spread over the ranks: a linear whose method is row-separable
-  (``METHODS[m].row_separable``) is cut into :attr:`PruneConfig.row_parts` row parts of whole pattern chunks
-  (:func:`sparsekit.parallel.row_parts`) — a number fixed by the config, never by the world size, so the result
-  does not depend on the world size; ADMM and OBS-ord (whose rows are coupled) are one item each. The items
-  go to ranks largest first, each to the least-loaded rank (cost ``rows · K²``); each rank prunes its own with
-  :func:`sparsekit.prune_weight`, and every item's weights and mask are broadcast from their owner, so every
-  rank continues with the same block.
+- **Pruning** of a stage is spread over the ranks, a linear's rows in parts (:func:`sparsekit.parallel.row_parts`),
+  each part a :func:`sparsekit.prune_weight` call (:mod:`sparsekit.parallel`: one mechanism for threads and ranks):
+
+  - a linear whose rows are pruned independently (``METHODS[m].row_separable``, no held-out choice) is cut
+    into :attr:`PruneConfig.row_parts` parts — a number fixed by the config, never by the world size, so the
+    result does not depend on it — and its parts go to ranks largest first, each to the least-loaded rank (cost
+    ``rows · K²``);
+  - a linear whose rows are coupled (ADMM, OBS-ord; or any linear when the regularisation is chosen on the
+    held-out loss of the whole layer) is cut into one part per rank (fewer when it has fewer row units: ranks
+    ``0 … n−1`` then, through a process subgroup), and the parts run together, reducing what couples them
+    through a :class:`~sparsekit.coupling.DistGather` (float64 all-gathers of a few numbers per step;
+    :mod:`sparsekit.coupling`). These linears come first, in plan order, on every rank.
+
+  Every part's weights and mask are then broadcast from their owner, so every rank continues with the same
+  block. On the CPU the result is bit-identical to one process (tested with 2 and 3 gloo ranks); on GPUs the
+  parts' GEMMs have other shapes than the whole linear's, so the coupled methods' result may differ from one
+  process (and between world sizes) by float32 rounding.
+- **Held-out regularisation** (``PruneConfig.reg_grid``): the held-out sequences are split over the ranks like the
+  calibration batches and their Hessians reduced by the same ordered chain
+  (:mod:`sparsekit.pipeline.heldout`); every linear is then a coupled one (above), and each choice reaches every
+  rank with the pruned weights (``reg_scope="model"`` reuses it in later blocks on every rank).
 - **Checkpoints**: every rank reads them (on several machines ``checkpoint_dir`` must be on a file system all
   of them see); rank 0 alone writes (the activations gathered from every rank) and the others wait at a barrier. Rank 0 alone reports progress; :mod:`sparsekit.cli.prune` lets only rank 0 save.
 - **Reports**: every rank builds the same :class:`ModelReport`; a split linear's ``time_s`` is the sum of its
   parts' pruning times (compute, not wall time) and its ``stats`` gain ``ranks`` and ``rows_per_part``.
-- **Failures**: a collective that fails (a rank died, or none answered within ``SPARSEKIT_DIST_TIMEOUT``
-  seconds, default 1800) raises :class:`~sparsekit.errors.DistributedError`; finished blocks stay checkpointed
-  and ``--resume`` continues with any world size.
+- **Failures**: a part that raises (a :class:`~sparsekit.errors.SparsekitError`: bad input, a Hessian that
+  cannot be factored, a memory budget; or another error, sent as a ``RuntimeError`` naming it) stops the other
+  parts of its linear at their next reduction (:class:`~sparsekit.errors.CoupledPartError`), and every rank
+  raises the original error after the exchange. A rank that dies (killed, or an error outside pruning) is seen
+  by the backend: gloo at once, NCCL after the timeout. A collective that fails (a rank died, or none answered within ``SPARSEKIT_DIST_TIMEOUT`` seconds, default
+  1800) raises :class:`~sparsekit.errors.DistributedError`; finished blocks stay checkpointed and ``--resume``
+  continues with any world size.
 
 Under NCCL every rank must work on its own GPU (``config.device = "cuda:LOCAL_RANK"``, which :func:`init_from_env`
 returns). :func:`init_from_env` sets ``NCCL_NVLS_ENABLE=0`` unless the environment sets it.
@@ -39,21 +57,25 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from sparsekit.api import PruneResult, prune_weight
+from sparsekit.coupling import DistGather
 from sparsekit.errors import DistributedError, InputError, SparsekitError
 from sparsekit.hessian import HessianAccumulator
 from sparsekit.metrics import relative_error
-from sparsekit.parallel import row_parts
+from sparsekit.parallel import root_error, row_parts
 from sparsekit.patterns import get_pattern
 from sparsekit.pipeline.blocks import LayerPlan
 from sparsekit.pipeline.config import PruneConfig
 from sparsekit.pruners import METHODS
+
+if TYPE_CHECKING:
+    from sparsekit.pipeline.heldout import HeldOut
 
 log = logging.getLogger(__name__)
 
@@ -123,35 +145,49 @@ def batch_ranges(num_batches: int, world: int) -> list[tuple[int, int]]:
 
 @dataclass
 class _Item:
-    """Rows ``[start, stop)`` of one linear, pruned by rank ``owner``."""
+    """Rows ``[start, stop)`` of one linear, pruned by rank ``owner``; a coupled item is part ``owner`` of
+    ``parts`` that run together on ranks ``0 … parts−1``."""
 
     plan: LayerPlan
     start: int
     stop: int
     owner: int = 0
+    coupled: bool = False
+    parts: int = 1
 
     @property
     def cost(self) -> int:
         return (self.stop - self.start) * self.plan.module.in_features ** 2
 
 
-def assign(plans: Sequence[LayerPlan], parts: int, world: int) -> list[_Item]:
-    """The work items of a group of linears and their owners: row-separable methods in ``parts`` row parts of
-    whole pattern chunks, the others whole; largest first to the least-loaded rank (lowest rank on ties).
-    Depends only on its arguments, so every rank computes the same assignment."""
-    items = []
-    for p in plans:
-        M = p.module.out_features
-        if METHODS[p.method].row_separable and parts > 1:
-            bounds = row_parts(M, get_pattern(p.pattern).scope.block.chunk_rows, parts)
-        else:
-            bounds = [(0, M)]
-        items.extend(_Item(p, a, b) for a, b in bounds)
+def coupled_rows(plan: LayerPlan, heldout: bool) -> bool:
+    """Whether the row parts of ``plan``'s linear must run together, reducing through a
+    :class:`~sparsekit.coupling.Gather`: its method couples rows, or (``heldout``) the regularisation is chosen on
+    the whole layer's held-out loss."""
+    return heldout or not METHODS[plan.method].row_separable
+
+
+def assign(plans: Sequence[LayerPlan], parts: int, world: int, coupled: Collection[str] = ()) -> list[_Item]:
+    """The work items of a group of linears and their owners. The linears named in ``coupled`` come first, in plan
+    order, each in ``world`` row parts (fewer if it has fewer row units), part ``r`` on rank ``r``; the others
+    follow in ``parts`` row parts each, largest first to the least-loaded rank (lowest rank on ties). Parts are
+    whole units of :func:`sparsekit.parallel.row_parts`. Depends only on its arguments, so every rank computes
+    the same assignment."""
     load = [0] * world
-    for it in sorted(items, key=lambda it: -it.cost):  # stable: ties keep the plan order
+    together, spread = [], []
+    for p in plans:
+        M, cr = p.module.out_features, get_pattern(p.pattern).scope.block.chunk_rows
+        if p.name in coupled:
+            bounds = row_parts(M, cr, world)
+            for r, (a, b) in enumerate(bounds):
+                together.append(_Item(p, a, b, r, True, len(bounds)))
+                load[r] += together[-1].cost
+        else:
+            spread.extend(_Item(p, a, b) for a, b in row_parts(M, cr, parts))
+    for it in sorted(spread, key=lambda it: -it.cost):  # stable: ties keep the plan order
         it.owner = min(range(world), key=lambda r: (load[r], r))
         load[it.owner] += it.cost
-    return items
+    return together + spread
 
 
 class _Deferred:
@@ -181,6 +217,7 @@ class Group:
         self.ranges = batch_ranges(num_batches, self.world)
         self.device = device
         self.is_writer = self.rank == 0
+        self._subgroups: dict[int, Any] = {}  # n -> the process group of ranks 0 … n−1
 
     @contextlib.contextmanager
     def _collective(self, what: str) -> Iterator[None]:
@@ -203,8 +240,9 @@ class Group:
         return per_batch[a:b]
 
     def local_calibration(self, ids: Tensor, mask: Tensor | None, batch_size: int) -> tuple[Tensor, Tensor | None]:
-        """The sequences of this rank's batches (whole batches, so the batches are those of one process)."""
-        a, b = self.ranges[self.rank]
+        """The sequences of this rank's batches (whole batches, so the batches are those of one process; none when
+        there are fewer batches than ranks, as in a small held-out slice)."""
+        a, b = batch_ranges(-(-ids.shape[0] // batch_size), self.world)[self.rank]
         rows = slice(a * batch_size, b * batch_size)
         return ids[rows], None if mask is None else mask[rows]
 
@@ -241,32 +279,53 @@ class Group:
                 dist.broadcast(n, src=last)
                 acc.num_tokens = int(n)
 
-    def prune(self, plans: Sequence[LayerPlan], H: Tensor, config: PruneConfig) -> dict[str, PruneResult]:
-        """Prune a group of linears sharing ``H (K, K)`` across the ranks; every rank ends with every pruned weight
-        in place and gets each linear's :class:`PruneResult` (loss over the whole linear, times summed over its
-        parts, the first part's damping and stats plus ``ranks`` and ``rows_per_part``)."""
-        items = assign(plans, config.row_parts, self.world)
-        split = {it.plan.name for it in items if (it.start, it.stop) != (0, it.plan.module.out_features)}
+    def _groups(self, sizes: Collection[int]) -> dict[int, Any]:
+        """The process group of ranks ``0 … n−1`` for each ``n`` in ``sizes`` (``None``: the whole world). Every
+        rank calls this with the same sizes: making a subgroup is a collective of all ranks."""
+        out = {}
+        for n in sorted(sizes):
+            if n < self.world and n not in self._subgroups:
+                with self._collective("making a process subgroup"):
+                    self._subgroups[n] = dist.new_group(list(range(n)), timeout=_timeout())
+            out[n] = self._subgroups[n] if n < self.world else None
+        return out
+
+    def prune(self, plans: Sequence[LayerPlan], H: Tensor, config: PruneConfig, held: "HeldOut | None" = None,
+              H_held: Tensor | None = None) -> dict[str, PruneResult]:
+        """Prune a group of linears sharing ``H (K, K)`` across the ranks (``held``: at the regularisation chosen on
+        the held-out Hessian ``H_held``); every rank ends with every pruned weight in place and gets each linear's
+        :class:`PruneResult` (loss over the whole linear, times summed over its parts, the first part's damping
+        and stats plus ``ranks`` and ``rows_per_part``)."""
+        coupled = {p.name for p in plans if coupled_rows(p, held is not None)}
+        items = assign(plans, config.row_parts, self.world, coupled)
+        groups = self._groups({it.parts for it in items if it.coupled and it.parts > 1})
+        split = {it.plan.name for it in items
+                 if not it.coupled and (it.start, it.stop) != (0, it.plan.module.out_features)}
         dense = {p.name: p.module.weight.detach().clone() for p in plans if p.name in split}  # (M, K) for the loss
         meta: dict[int, dict[str, Any]] = {}
         masks: list[Tensor] = []
         for k, it in enumerate(items):
             p = it.plan
             w = p.module.weight.data[it.start : it.stop]  # (rows, K) a view: pruned in place
-            if it.owner == self.rank:
-                try:
-                    res = prune_weight(
-                        w, H, p.pattern, p.method, damp=config.damp, damp_mode=config.damp_mode, inplace=True,
-                        **p.options,
-                    )
-                except SparsekitError as e:  # every rank raises it after the exchange, none waits for this one
-                    meta[k] = {"error": e}
-                    masks.append(torch.zeros(w.shape, dtype=torch.uint8, device=w.device))
-                    continue
-                meta[k] = {"loss": res.loss, "time_s": res.time_s, "damp": res.damp, "stats": res.stats}
-                masks.append(res.mask.to(torch.uint8))
-            else:
+            if it.owner != self.rank:
                 masks.append(torch.empty(w.shape, dtype=torch.uint8, device=w.device))
+                continue
+            gather = DistGather(self.device, groups[it.parts]) if it.coupled and it.parts > 1 else None
+            try:
+                if held is not None:
+                    res = held.prune(p, H, H_held, rows=slice(it.start, it.stop), gather=gather)
+                else:
+                    res = prune_weight(w, H, p.pattern, p.method, damp=config.damp, damp_mode=config.damp_mode,
+                                       inplace=True, gather=gather, **p.options)
+            except Exception as e:  # every rank raises it after the exchange, none waits for this one
+                if not isinstance(e, SparsekitError):  # (e.g. a CUDA error) sent as text: it may not pickle
+                    log.error("rank %d: pruning %s failed", self.rank, p.name, exc_info=True)
+                    e = RuntimeError(f"rank {self.rank}, {p.name}: {type(e).__name__}: {e}")
+                meta[k] = {"error": e}
+                masks.append(torch.zeros(w.shape, dtype=torch.uint8, device=w.device))
+                continue
+            meta[k] = {"loss": res.loss, "time_s": res.time_s, "damp": res.damp, "stats": res.stats}
+            masks.append(res.mask.to(torch.uint8))
         everyone: list[Any] = [None] * self.world
         with self._collective("sharing the pruned weights"):
             for it, mask in zip(items, masks):
@@ -275,9 +334,9 @@ class Group:
             dist.all_gather_object(everyone, meta)
         for part in everyone:
             meta.update(part)
-        for k in range(len(items)):
-            if "error" in meta[k]:
-                raise meta[k]["error"]
+        errors = [meta[k]["error"] for k in range(len(items)) if "error" in meta[k]]
+        if errors:
+            raise root_error(errors)
         out = {}
         for p in plans:
             ks = [k for k, it in enumerate(items) if it.plan is p]
@@ -286,6 +345,8 @@ class Group:
             loss = relative_error(dense.pop(p.name), weight, H) if p.name in split else first["loss"]
             stats = dict(first["stats"], ranks=[items[k].owner for k in ks],
                          rows_per_part=[items[k].stop - items[k].start for k in ks])
+            if held is not None:  # ranks that held no part of this linear learn its choice too
+                held.learn(p.name, stats)
             mask = torch.cat([masks[k] for k in ks]).bool()  # (M, K)
             out[p.name] = PruneResult(weight, mask, loss, p.method, get_pattern(p.pattern).name,
                                       sum(meta[k]["time_s"] for k in ks), first["damp"], stats)

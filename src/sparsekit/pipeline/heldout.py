@@ -13,6 +13,12 @@ lowest held-out layer loss kept (its formula is in :mod:`sparsekit.regularize`).
 prunes it and reuses the choice for the linears of the same name in later blocks (one pruning per layer after
 the first block; the held-out loss of the reused point is still recorded). The choice goes to the layer report's
 ``stats["regularisation"]``; :meth:`HeldOut.summary` counts the choices for the model report.
+
+Under ``torch.distributed`` (:mod:`sparsekit.pipeline.distributed`) each rank runs only its share of the held-out
+batches (whole batches, split like the calibration batches; a rank may have none), and the held-out Hessians are
+reduced by the same ordered chain as the calibration ones, so they are those of one process; a linear is then
+pruned in row parts on several ranks, its choice made on the whole layer's held-out loss
+(``choose_regularisation(gather=...)``).
 """
 
 from __future__ import annotations
@@ -20,17 +26,21 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from sparsekit.api import PruneResult, prune_weight
+from sparsekit.coupling import SINGLE, Gather
 from sparsekit.errors import InputError
 from sparsekit.hessian import HessianAccumulator
 from sparsekit.pipeline.blocks import BatchInputs, HessianHooks, LayerPlan, StopForward, capture_inputs, run_block
 from sparsekit.pipeline.config import PruneConfig
 from sparsekit.regularize import choose_regularisation, heldout_loss, shrink_result
+
+if TYPE_CHECKING:
+    from sparsekit.pipeline.distributed import Group
 
 log = logging.getLogger(__name__)
 
@@ -67,19 +77,24 @@ class HeldOut:
     """
 
     def __init__(self, config: PruneConfig, blocks_path: str, hidden: list[Tensor], batches: list[BatchInputs],
-                 num_tokens: int):
+                 num_tokens: int, group: "Group | None" = None):
         self.config = config
         self.prefix = f"{blocks_path}." if blocks_path else ""
-        self.hidden = hidden  # per batch (b, T, d)
+        self.hidden = hidden  # per batch (b, T, d): this rank's batches under torch.distributed
         self.batches = batches
-        self.num_tokens = num_tokens
+        self.num_tokens = num_tokens  # of every rank
+        self.group = group
         self.choices: dict[str, dict[str, Any]] = {}  # linear name without its block index -> chosen point
 
     @classmethod
     def capture(cls, model: nn.Module, blocks: nn.ModuleList, blocks_path: str, config: PruneConfig, ids: Tensor,
-                mask: Tensor | None, device: torch.device, act_device: torch.device) -> "HeldOut":
+                mask: Tensor | None, device: torch.device, act_device: torch.device,
+                group: "Group | None" = None) -> "HeldOut":
+        tokens = int(mask.sum()) if mask is not None else ids.numel()
+        if group is not None:
+            ids, mask = group.local_calibration(ids, mask, config.batch_size)
         hidden, batches = capture_inputs(model, blocks, ids, mask, config.batch_size, device, act_device)
-        return cls(config, blocks_path, hidden, batches, int(mask.sum()) if mask is not None else ids.numel())
+        return cls(config, blocks_path, hidden, batches, tokens, group)
 
     def key(self, name: str) -> str:
         """``model.layers.3.mlp.up_proj`` → ``mlp.up_proj``: the linear's name inside its block."""
@@ -90,9 +105,7 @@ class HeldOut:
         """After a resume: run the held-out inputs through the finished blocks ``< start`` (their pruned weights
         are loaded) and reload the ``"model"``-scope choices from their layer reports."""
         for r in layers:
-            reg = r.stats.get("regularisation") if isinstance(r.stats, dict) else None
-            if reg and not reg.get("reused"):
-                self.choices.setdefault(self.key(r.name), reg)
+            self.learn(r.name, r.stats)
         for j in range(start):
             home = next(blocks[j].parameters()).device
             blocks[j].to(device)
@@ -101,17 +114,28 @@ class HeldOut:
             finally:
                 blocks[j].to(home)
 
+    def learn(self, name: str, stats: Any) -> None:
+        """Remember the choice in a layer's ``stats`` (if it made one: not reused, held-out tokens seen) for
+        ``reg_scope="model"``."""
+        reg = stats.get("regularisation") if isinstance(stats, dict) else None
+        if reg and not reg.get("reused") and reg.get("heldout_loss") is not None:
+            self.choices.setdefault(self.key(name), reg)
+
     def hessians(self, block: nn.Module, stage: list[list[LayerPlan]], i: int, device: torch.device,
                  stop_after: int) -> list[Tensor | None]:
-        """``H_heldout (K, K)`` per group of the stage (``None``: the group saw no held-out token)."""
+        """``H_heldout (K, K)`` per group of the stage (``None``: the group saw no held-out token); under
+        ``torch.distributed`` from every rank's batches, by the ordered reduction."""
         accs = [HessianAccumulator(g[0].module.in_features, torch.float32, device) for g in stage]
-        with HessianHooks([(g[0].module, acc) for g, acc in zip(stage, accs)], stop_after) as hooks:
+        sources = accs if self.group is None else [self.group.deferred() for _ in accs]
+        with HessianHooks([(g[0].module, src) for g, src in zip(stage, sources)], stop_after) as hooks:
             for h, inp in zip(self.hidden, self.batches):
                 hooks.batch(inp.token_mask)
                 try:
                     run_block(block, h, inp.block(i), device)
                 except StopForward:
                     pass
+        if self.group is not None:
+            self.group.reduce_hessians(accs, sources)
         return [acc.hessian if acc.num_tokens else None for acc in accs]
 
     def advance(self, block: nn.Module, i: int, device: torch.device, act_device: torch.device) -> None:
@@ -120,36 +144,41 @@ class HeldOut:
                        for h, inp in zip(self.hidden, self.batches)]
 
     def prune(self, p: LayerPlan, H: Tensor, H_held: Tensor | None,
-              progress_fn: Callable[[str], None] | None = None, max_memory: int | None = None) -> PruneResult:
-        """Prune ``p``'s weight in place at the chosen regularisation; ``stats["regularisation"]`` records it."""
+              progress_fn: Callable[[str], None] | None = None, max_memory: int | None = None,
+              rows: slice = slice(None), gather: Gather | None = None) -> PruneResult:
+        """Prune ``p``'s weight (its ``rows``, one part of the layer with ``gather``: :mod:`sparsekit.coupling`) in
+        place at the chosen regularisation; ``stats["regularisation"]`` records it."""
         cfg = self.config
-        weight = p.module.weight.data
-        opts = dict(p.options, progress_fn=progress_fn, devices=cfg.prune_devices, max_memory=max_memory)
+        weight = p.module.weight.data[rows]  # (rows, K) a view
+        opts = dict(p.options, progress_fn=progress_fn, devices=cfg.prune_devices, max_memory=max_memory,
+                    gather=gather)
+        part = SINGLE if gather is None else gather
         key = self.key(p.name)
         reused = self.choices.get(key) if cfg.reg_scope == "model" else None
-        if H_held is None:
-            log.warning("%s saw no held-out token; pruned at the config's damping", p.name)
-            res = prune_weight(weight, H, p.pattern, p.method, damp=cfg.damp, damp_mode=cfg.damp_mode, **opts)
-            record: dict[str, Any] = {"damp": cfg.damp, "damp_mode": cfg.damp_mode, "shrink": 0.0,
-                                      "heldout_loss": None, "reused": False, "note": "no held-out tokens"}
-        elif reused is not None:
-            res = prune_weight(weight, H, p.pattern, p.method, damp=reused["damp"], damp_mode=reused["damp_mode"],
-                               **opts)
-            res = shrink_result(weight, res, H, reused["shrink"])
-            record = {k: reused[k] for k in ("damp", "damp_mode", "shrink")}
-            record.update(heldout_loss=heldout_loss(weight, res.weight, H_held), reused=True)
-        else:
-            choice = choose_regularisation(weight, H, H_held, p.pattern, p.method, cfg.reg_grid,
-                                           shrinks=cfg.reg_shrinks, **opts)
-            res = choice.result
-            default = [r["heldout_loss"] for r in choice.table
-                       if (r["damp"], r["damp_mode"], r["shrink"]) == (cfg.damp, cfg.damp_mode, 0.0)]
-            record = {"damp": choice.damp, "damp_mode": choice.damp_mode, "shrink": choice.shrink,
-                      "heldout_loss": choice.heldout_loss, "reused": False,
-                      "default_heldout_loss": default[0] if default else None}
-            self.choices.setdefault(key, record)
-        weight.copy_(res.weight)
+        with part.unit():  # no part waits for one that failed between the reductions
+            if H_held is None:
+                log.warning("%s saw no held-out token; pruned at the config's damping", p.name)
+                res = prune_weight(weight, H, p.pattern, p.method, damp=cfg.damp, damp_mode=cfg.damp_mode, **opts)
+                record: dict[str, Any] = {"damp": cfg.damp, "damp_mode": cfg.damp_mode, "shrink": 0.0,
+                                          "heldout_loss": None, "reused": False, "note": "no held-out tokens"}
+            elif reused is not None:
+                res = prune_weight(weight, H, p.pattern, p.method, damp=reused["damp"],
+                                   damp_mode=reused["damp_mode"], **opts)
+                res = shrink_result(weight, res, H, reused["shrink"], part)
+                record = {k: reused[k] for k in ("damp", "damp_mode", "shrink")}
+                record.update(heldout_loss=heldout_loss(weight, res.weight, H_held, part), reused=True)
+            else:
+                choice = choose_regularisation(weight, H, H_held, p.pattern, p.method, cfg.reg_grid,
+                                               shrinks=cfg.reg_shrinks, **opts)
+                res = choice.result
+                default = [r["heldout_loss"] for r in choice.table
+                           if (r["damp"], r["damp_mode"], r["shrink"]) == (cfg.damp, cfg.damp_mode, 0.0)]
+                record = {"damp": choice.damp, "damp_mode": choice.damp_mode, "shrink": choice.shrink,
+                          "heldout_loss": choice.heldout_loss, "reused": False,
+                          "default_heldout_loss": default[0] if default else None}
+        weight.copy_(res.weight)  # after the unit: only once every part has succeeded
         res.stats = {**res.stats, "regularisation": record}
+        self.learn(p.name, res.stats)
         return res
 
     def summary(self, layers: list[Any]) -> dict[str, Any]:

@@ -166,9 +166,6 @@ def prune_model_(
                                   config, device, config.offload_activations)
     act_device = torch.device("cpu") if offload else device
     group = join(config, device, calibration.shape[0])  # None without a torch.distributed process group
-    if group is not None and config.reg_grid:
-        raise InputError("choosing the regularisation on held-out tokens (reg_grid, --reg-grid) is not supported "
-                         "under torch.distributed yet; pass --reg-grid none (reg_grid=()).")
     writes = group is None or group.is_writer
     if not writes:
         progress_fn = None  # rank 0 reports
@@ -221,7 +218,8 @@ def prune_model_(
                 if len(hidden) != len(batches):
                     raise InputError("checkpointed activations do not match the calibration batches; delete the checkpoint.")
                 if config.reg_grid:
-                    held = HeldOut.capture(model, blocks, path, config, held_ids, held_mask, device, act_device)
+                    held = HeldOut.capture(model, blocks, path, config, held_ids, held_mask, device, act_device,
+                                           group)
                     held.resume(blocks, start_block, report.layers, device, act_device)
             for i in range(start_block, n_run):
                 with rollback_on_error(plans[i]) if ckpt is not None else contextlib.nullcontext():
@@ -330,7 +328,7 @@ def _prune_block(
                 tokens = acc.num_tokens
                 H = acc.hessian if tokens else None  # (K, K)
                 del acc  # free Σxxᵀ now; H goes right after the group
-                done = group.prune(linears, H, config) if group is not None and H is not None else {}
+                done = group.prune(linears, H, config, held, held_H[g]) if group is not None and H is not None else {}
                 for p in linears:
                     held_bytes = (module_bytes(block) + tensor_bytes(hidden) + (0 if H is None else H.nbytes)
                                   + sum(a.num_features ** 2 * H_ENTRY_BYTES for a in accs if a is not None)

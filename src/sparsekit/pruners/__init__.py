@@ -9,6 +9,9 @@ Every pruner has the signature::
 the memory budget in bytes or ``None`` (:func:`sparsekit.memory.device_budget`; methods that chunk their rows
 plan the chunks with :func:`sparsekit.memory.plan_rows`; methods that allocate little may ignore it). Pruners do no
 input validation of weight/H/pattern (``sparsekit.prune_weight`` does); they validate their own options.
+The methods whose rows are coupled (``row_separable=False``: OBS-ord, ADMM) also take ``gather``, a
+:class:`sparsekit.coupling.Gather`: ``weight`` may be one row part of a layer, and what couples the rows is reduced
+over the parts through it.
 Modules are imported on first use, so importing sparsekit stays cheap and never touches CUDA.
 """
 
@@ -39,7 +42,7 @@ class Method:
 
     target: str  # "module:function" inside sparsekit.pruners
     label: str  # display name in tables and plots ("True OBS")
-    row_separable: bool  # same result whether rows are pruned together or in parts (prune_weight(devices=...))
+    row_separable: bool  # each row pruned on its own given H; False: the method takes `gather` (sparsekit.coupling)
     options: Mapping[str, Any] = field(default_factory=dict)  # default options of `sparsekit prune`
 
     @property
@@ -47,7 +50,7 @@ class Method:
         return self.target.split(":")[0]
 
 
-#: THE method table: name -> :class:`Method`. ``sparsekit.parallel.ROW_SEPARABLE``, the pipeline's
+#: THE method table: name -> :class:`Method`. ``sparsekit.api`` (which pruners take ``gather``), the pipeline's
 #: ``DEFAULT_OPTIONS`` and the bench labels are read from it.
 METHODS: dict[str, Method] = {
     "magnitude": Method("magnitude:prune_magnitude", "Magnitude", True),

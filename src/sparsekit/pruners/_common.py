@@ -41,7 +41,7 @@ __all__ = [
 #: A pruner's ``progress_fn``: receives short text messages from long-running methods.
 MessageFn = Callable[[str], None] | None
 #: Keyword arguments every pruner gets from its caller, not options the user sets per method.
-PASSED_BY_CALLER = ("damp", "damp_mode", "progress_fn", "max_memory")
+PASSED_BY_CALLER = ("damp", "damp_mode", "progress_fn", "max_memory", "gather")
 #: Scope orders of True OBS and OBS-ord.
 ORDERS = ("left_to_right", "largest_first")
 #: Largest subset count the ``joint`` scoring enumerates per scope.

@@ -22,6 +22,11 @@ the final loss by 0.5-0.7% for about twice the iterations (every 20: a further 0
 has not changed for ``patience`` iterations, or after ``iters``. Then the kept weights of the final mask are
 refit exactly (:func:`sparsekit.refine.refit`), and the result is compared with the init's through the
 undamped ``H``: the better one is returned (``stats["chosen"]``), so ADMM is never worse than its init.
+
+Rows in parts (``gather``, :mod:`sparsekit.coupling`): the rows interact only through the mask-change counts
+that drive ``ρ`` and the stop (summed over the parts each iteration: integers, exact), the init-versus-ADMM loss
+comparison (:func:`~sparsekit.metrics.relative_error` over the parts) and the refit's CG stop; the W-update,
+projection and dual update are row by row. So the parts, concatenated, are the one-part result.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from sparsekit.coupling import SINGLE, Gather
 from sparsekit.hessian import DEFAULT_DAMP, damped_hessian, scaled_hessian
 from sparsekit.errors import InputError
 from sparsekit.kernels import obs_linalg
@@ -95,6 +101,11 @@ def _rho_factor(changed: int, kept_blocks: int) -> float:
     return 1.05
 
 
+def _count(gather: Gather, *counts: Tensor) -> list[int]:
+    """Integer counts (0-d tensors) summed over the row parts (float64 holds them exactly)."""
+    return [int(c) for c in gather.sum(torch.stack(counts)).tolist()]
+
+
 def admm_iterate(
     ws0: Tensor,
     hs: Tensor,
@@ -107,17 +118,19 @@ def admm_iterate(
     patience: int,
     rho_every: int,
     progress_fn: Callable[[str], None] | None = None,
+    gather: Gather = SINGLE,
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """The ADMM loop in scaled coordinates from ``(z, mask)``; returns ``(W, mask, stats)``, W not yet refit.
 
     ``ws0 (M, K)`` dense scaled weights, ``hs (K, K)`` unit-diagonal damped Hessian, ``z (M, K)`` warm start
-    (zero off ``mask``)."""
+    (zero off ``mask``). With ``gather`` the rows are one part of a layer; the counts that steer ``ρ`` and the stop
+    are summed over the parts."""
     K = hs.shape[0]
     eye = torch.eye(K, dtype=hs.dtype, device=hs.device)
     lin = ws0 @ hs  # (M, K) W₀ H̃
     v = lin - z @ hs  # (M, K) V₀ = −∇f(Z₀)
     w = z
-    kept_blocks = int(mask.sum()) // layout.block_numel
+    kept_blocks = _count(gather, mask.sum())[0] // layout.block_numel
     stable, it, factors = 0, 0, 0
     cur_rho, inv_rho = None, None
     ref_mask = mask
@@ -132,13 +145,15 @@ def admm_iterate(
         new_mask = layout.project(u.square())
         z = u * new_mask  # Z-update (projection)
         v = v + rho * (w - z)  # dual update
-        n_changed = int((new_mask != mask).sum()) // layout.block_numel
+        # mask entries changed since the last iteration and since the last ρ update, over every part
+        n_changed, moved = _count(gather, (new_mask != mask).sum(), (new_mask != ref_mask).sum())
+        n_changed //= layout.block_numel
         stable = stable + 1 if n_changed == 0 else 0
         mask = new_mask
         if stable >= patience:
             break
         if it % rho_every == 0:
-            changed = int((mask != ref_mask).sum()) // layout.block_numel // 2  # blocks that moved
+            changed = moved // layout.block_numel // 2  # blocks that moved
             rho *= _rho_factor(changed, kept_blocks)
             ref_mask = mask
         if progress_fn is not None and it % 10 == 0:
@@ -165,6 +180,7 @@ def prune_admm(
     refit_solver: str = "auto",
     tf32: bool | None = None,
     max_memory: int | str | None = None,
+    gather: Gather = SINGLE,
 ) -> PrunerOutput:
     """ADMM pruning of ``weight (M, K)`` to ``layout``, warm-started from ``init`` (module docstring).
 
@@ -183,6 +199,8 @@ def prune_admm(
             for float64 and on the CPU, where it has no effect.
         max_memory: the memory budget (:func:`sparsekit.memory.device_budget`) of the init, the iterations
             (which hold every row at once: :func:`admm_bytes`) and the refit (whose row chunks it plans).
+        gather: the reductions over the row parts of the layer (:mod:`sparsekit.coupling`), passed on to a
+            coupled init (OBS-ord) and to the refit.
     Raises:
         ResourceError: the iterations or a step's smallest chunk do not fit the budget.
     """
@@ -196,11 +214,12 @@ def prune_admm(
     per_row, fixed = admm_bytes(K, weight.dtype)
     plan_rows(M, per_row, fixed, device_budget(weight.device, max_memory), multiple=M, what="admm iterations")
     w0 = weight.clone()
+    coupled = {} if METHODS[init].row_separable else {"gather": gather}
     out0 = init_fn(weight, hessian, layout, damp=damp, damp_mode=damp_mode, progress_fn=progress_fn,
-                   max_memory=max_memory, **init_options)
+                   max_memory=max_memory, **coupled, **init_options)
     mask0 = out0.mask.bool()
     winit = out0.weight.masked_fill(~mask0, 0.0)
-    loss_init = relative_error(w0, winit, hessian)
+    loss_init = relative_error(w0, winit, hessian, gather)
 
     hd, rel, steps = damped_hessian(hessian, damp, damp_mode)
     hs, d = scaled_hessian(hd)
@@ -208,12 +227,14 @@ def prune_admm(
         w_s, mask, st = admm_iterate(
             w0 * d, hs, layout, winit * d, mask0,
             rho=float(rho), iters=iters, patience=patience, rho_every=rho_every, progress_fn=progress_fn,
+            gather=gather,
         )
-    new_w, st_refit = refit(w0, hd, mask, solver=refit_solver, x0=w_s / d, tf32=tf32, max_memory=max_memory)
-    loss_admm = relative_error(w0, new_w, hessian)
+    new_w, st_refit = refit(w0, hd, mask, solver=refit_solver, x0=w_s / d, tf32=tf32, max_memory=max_memory,
+                            gather=gather)
+    loss_admm = relative_error(w0, new_w, hessian, gather)
+    changed_vs_init = _count(gather, (mask != mask0).sum())[0] // layout.block_numel // 2
     stats: dict[str, Any] = {"init": init, "init_loss": loss_init, "admm_loss": loss_admm, **st, **st_refit,
-                             "mask_changed_vs_init": int((mask != mask0).sum()) // layout.block_numel // 2,
-                             "damp_steps": steps}
+                             "mask_changed_vs_init": changed_vs_init, "damp_steps": steps}
     stats.update({f"init_{k}": v for k, v in out0.stats.items()})
     if loss_admm <= loss_init:
         stats["chosen"] = "admm"

@@ -8,7 +8,9 @@ Until every scope column is decided, one batch:
 
 1. **order**: ``left_to_right`` takes the next ``ng`` scope columns by first column; ``largest_first`` the ``ng``
    undecided scope columns of largest *total* cost — the sum over all rows of each row's cheapest choice,
-   evaluated with the current ``C`` and weights (re-evaluated at every batch).
+   evaluated with the current ``C`` and weights (re-evaluated at every batch), summed in float64. This sum is
+   the only coupling of the rows: with ``gather`` (:mod:`sparsekit.coupling`) the rows are one part of a layer
+   and the per-part sums are added over the parts; ``C`` depends on ``H`` alone and is the same in every part.
 2. **masks**: every row chooses, in each scope of the batch, the cheapest set ``S`` of ``B − nnz`` blocks,
    ``w_S (C_SS)⁻¹ w_Sᵀ`` (:func:`~sparsekit.pruners.scoring.best_subset`'s enumeration, with the shared ``C``).
    Rows prune different elements of the same columns; ``P_r`` is row ``r``'s union over the batch.
@@ -55,6 +57,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sparsekit.coupling import SINGLE, Gather
 from sparsekit.errors import InputError
 from sparsekit.hessian import DEFAULT_DAMP, scaled_inverse
 from sparsekit.kernels.obs_linalg import LOW_PRECISION, baddbmm_, tf32
@@ -155,6 +158,7 @@ def prune_obs_ord(
     order: str = "largest_first",
     c_dtype: torch.dtype | None = None,
     max_memory: int | str | None = None,
+    gather: Gather = SINGLE,
 ) -> PrunerOutput:
     """OBS-ord (module docstring) on ``weight (M, K)`` with the undamped ``hessian (K, K)``.
 
@@ -164,6 +168,8 @@ def prune_obs_ord(
         c_dtype: operand dtype of the Schur downdate GEMM (``None``: the working dtype); ``C`` stays in the
             working dtype (module docstring).
         max_memory: the memory budget (:func:`sparsekit.memory.device_budget`) of the row slices.
+        gather: the reduction of the ``largest_first`` costs over the row parts of the layer
+            (:mod:`sparsekit.coupling`).
     """
     if not isinstance(ng, int) or isinstance(ng, bool) or ng < 1:
         raise InputError(f"ng (scope columns per batch) must be an int >= 1, got {ng!r}.")
@@ -221,7 +227,8 @@ def prune_obs_ord(
 
             run_chunked(score, nch, step, stats=stats, what="obs-ord scoring", budget=budget)
             if order == "largest_first":
-                total = cost.sum(0).view(len(cand), -1).sum(1)  # (nc,) total cost per scope column
+                per_scope = gather.sum(cost.sum(0, dtype=torch.float64))  # (ns,) over every row of every part
+                total = per_scope.view(len(cand), -1).sum(1)  # (nc,) total cost per scope column
                 top = total.topk(min(ng, len(cand))).indices
                 cand = cand[top]
                 m = members.shape[1]
