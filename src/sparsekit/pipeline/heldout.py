@@ -17,10 +17,11 @@ the first block; the held-out loss of the reused point is still recorded). The c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch import Tensor, nn
@@ -86,20 +87,23 @@ class HeldOut:
         return name[len(self.prefix):].partition(".")[2] if name.startswith(self.prefix) else name
 
     def resume(self, blocks: nn.ModuleList, start: int, layers: list[Any], device: torch.device,
-               act_device: torch.device) -> None:
+               act_device: torch.device,
+               open_block: Callable[[int], ContextManager[Any]] = lambda j: contextlib.nullcontext()) -> None:
         """After a resume: run the held-out inputs through the finished blocks ``< start`` (their pruned weights
-        are loaded) and reload the ``"model"``-scope choices from their layer reports."""
+        are loaded; ``open_block(j)`` materialises block ``j`` of a lazily loaded model) and reload the
+        ``"model"``-scope choices from their layer reports."""
         for r in layers:
             reg = r.stats.get("regularisation") if isinstance(r.stats, dict) else None
             if reg and not reg.get("reused"):
                 self.choices.setdefault(self.key(r.name), reg)
         for j in range(start):
-            home = next(blocks[j].parameters()).device
-            blocks[j].to(device)
-            try:
-                self.advance(blocks[j], j, device, act_device)
-            finally:
-                blocks[j].to(home)
+            with open_block(j):
+                home = next(blocks[j].parameters()).device
+                blocks[j].to(device)
+                try:
+                    self.advance(blocks[j], j, device, act_device)
+                finally:
+                    blocks[j].to(home)
 
     def hessians(self, block: nn.Module, stage: list[list[LayerPlan]], i: int, device: torch.device,
                  stop_after: int) -> list[Tensor | None]:
