@@ -54,3 +54,8 @@ class CompactFormatError(SparsekitError):
 class CheckpointError(InputError):
     """A checkpoint file is missing, truncated, corrupted or out of place, or was made by another job; the
     message names the file and the fix (delete it and resume from the block before, or restart)."""
+
+
+class ShardError(InputError):
+    """A safetensors file of a model folder is missing, truncated or corrupt, or the model needs a tensor that no
+    file holds; the message names the file (low-memory loading, :mod:`sparsekit.pipeline.lazy`)."""

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sparsekit.hessian import DEFAULT_DAMP
-from sparsekit.data.models import MODELS, load_model
+from sparsekit.data.models import MODELS, lazy_loadable, load_model, load_model_lazy
 from sparsekit.errors import InputError
 from sparsekit.pipeline import distributed
 from sparsekit.patterns import get_pattern
@@ -34,6 +34,7 @@ from sparsekit.pipeline import (
     save_pruned,
 )
 from sparsekit.pipeline.checkpoint import check_writable
+from sparsekit.pipeline.lazy import fix_mmap_threshold
 
 __all__ = ["add_cli", "config_from_args", "parse_options"]
 
@@ -200,7 +201,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         raise InputError(f"{ckpt_dir} holds an unfinished job; pass --resume to continue it, or delete it to restart.")
     check_writable(ckpt_dir, "--out")  # before any work
 
-    model, tokenizer = load_model(args.model)
+    # low memory: the blocks stay in the safetensors shards until pruned (default under torchrun where it can)
+    low = args.low_memory if args.low_memory is not None else rank_device is not None and lazy_loadable(args.model)
+    if low:
+        fix_mmap_threshold()  # this process is ours: every large temporary goes back to the system when freed
+    model, tokenizer = load_model_lazy(args.model, ckpt_dir) if low else load_model(args.model)
     from sparsekit.data.text import load_texts, tokenize_for_calibration
 
     from sparsekit.data.text import calibration_sources
@@ -217,7 +222,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if lead:
         print(f"model {args.model} ({type(model).__name__}); calibration: {args.calib!r} text ({', '.join(sources)}), "
               f"{calib.shape[0]} x {calib.shape[1]} = {calib.numel()} tokens{held}; {config.method} at "
-              f"{pattern_name(config.pattern)}")
+              f"{pattern_name(config.pattern)}" + ("; low memory: one block at a time from the shards" if low else ""))
 
     progress, close = _progress_bars("blocks") if lead else (None, lambda: None)
     try:
@@ -240,6 +245,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if not args.no_eval:
         from sparsekit.evaluate import evaluate
 
+        if low:  # the verdict runs the whole pruned model: read it back from the saved folder
+            model, _ = load_model(str(out))
         dense, _ = load_model(args.model)
         baselines: dict[str, nn.Module] = {}
         auto = "sparsegpt" if config.method != "sparsegpt" else "magnitude"
@@ -305,6 +312,11 @@ def add_cli(subparsers: Any) -> None:
                    help="layer: recompute each stage's inputs after pruning earlier stages (default); block: one dense pass per block")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N: where each block is calibrated and pruned")
     p.add_argument("--offload", action="store_true", help="keep calibration activations on the CPU between blocks")
+    p.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="read each block from the model's safetensors shards only when it is pruned and free it after "
+                        "(host memory: the embeddings, the LM head and about one block), write the output one file "
+                        "per block (default: on under torchrun for a folder of safetensors, else off); the verdict "
+                        "still loads the dense and pruned models whole: --no-eval for a model larger than memory")
     p.add_argument("--prune-devices", nargs="+", default=None, metavar="DEV",
                    help="one process: split each layer's rows across these devices for pruning, one thread each "
                         "(e.g. cuda:0 cuda:1); every method. Several GPUs or machines: torchrun instead")

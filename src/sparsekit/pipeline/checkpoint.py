@@ -29,6 +29,7 @@ from sparsekit.errors import CheckpointError, InputError
 from sparsekit.pipeline.blocks import LayerPlan
 from sparsekit.pipeline.config import PruneConfig
 from sparsekit.pipeline.fingerprint import setup_digest, weight_digests
+from sparsekit.pipeline.lazy import LazyWeights
 from sparsekit.pipeline.report import LayerReport, atomic_write_bytes, atomic_write_text
 
 __all__ = ["PROGRESS_FILE", "CHECKPOINT_SUBDIR", "CKPT_VERSION", "Checkpointer", "Fingerprint", "fingerprint",
@@ -198,7 +199,9 @@ class Checkpointer:
         when no block is left)``. The model is untouched when this raises.
 
         The model may be the dense one (a new process) or the one an aborted run left (the same process): a
-        weight that differs from the recorded dense digest must equal its checkpointed pruned value.
+        weight that differs from the recorded dense digest must equal its checkpointed pruned value. A lazily
+        loaded model's finished blocks are materialised one at a time, given their checkpointed weights, written
+        to its work folder and freed (:meth:`LazyWeights.block`).
         """
         if state.get("fingerprint") != self.fingerprint.setup:
             raise CheckpointError(
@@ -216,10 +219,12 @@ class Checkpointer:
             raise CheckpointError(f"{self.dir / PROGRESS_FILE} records block {last} of a {num_blocks}-block run; "
                                   f"{_RESTART}.")
         params = dict(model.named_parameters())
+        lazy = LazyWeights.of(model)
         for i in range(last + 1):  # verify everything before touching the model
             for name, w in self.load_block(i).items():
                 key = name + ".weight"
-                if key in changed and key in params and torch.equal(params[key].detach().cpu(), w):
+                if key in changed and key in params and torch.equal(
+                        (lazy.read(key) if lazy is not None else params[key].detach()).cpu(), w):
                     changed.discard(key)  # pruned by the aborted run in this process: the checkpointed value
         if changed:
             raise CheckpointError(
@@ -231,6 +236,8 @@ class Checkpointer:
         mods = dict(model.named_modules())
         with torch.no_grad():
             for i in range(last + 1):
-                for name, w in self.load_block(i).items():
-                    mods[name].weight.copy_(w)
+                weights = self.load_block(i)
+                with lazy.block(i, "cpu") if lazy is not None else contextlib.nullcontext():
+                    for name, w in weights.items():
+                        mods[name].weight.copy_(w)
         return last, hidden

@@ -8,7 +8,9 @@ A checkpoint may only be continued by a run whose result would be the same, so t
   class, and the calibration tokens and attention mask in full;
 - every tensor of the model's state dict in full (:func:`weight_digests`): SHA-256 over its bytes, streamed in
   chunks of :data:`CHUNK_BYTES` (a tensor on an accelerator is copied to the host one chunk at a time). Tensors
-  are hashed on a thread pool (``hashlib`` releases the GIL), tied tensors once.
+  are hashed on a thread pool (``hashlib`` releases the GIL), tied tensors once. A lazily loaded model's blocks
+  (on the ``meta`` device, :mod:`sparsekit.pipeline.lazy`) are read from its files one tensor per thread at a
+  time and hashed as the whole-model load would hold them, so both give the same digests.
 
 Cost (benchmarks/fingerprint_cost.py): one read of the weights, about 1.4 GB/s per core on the 2-core CI machine,
 so an 8B model in bfloat16 (16 GB) takes about 12 s on one core and 1-2 s on 8, against a job of tens of minutes.
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 from sparsekit.patterns import Pattern, get_pattern
 from sparsekit.pipeline.blocks import LayerPlan
 from sparsekit.pipeline.config import PruneConfig, Rule
+from sparsekit.pipeline.lazy import LazyWeights
 
 __all__ = ["CHUNK_BYTES", "RUNTIME_FIELDS", "pattern_spec", "setup_digest", "tensor_digest", "weight_digests"]
 
@@ -105,9 +108,12 @@ def setup_digest(
 
 def weight_digests(model: nn.Module, workers: int | None = None) -> dict[str, str]:
     """``{state-dict name: tensor_digest}`` for every tensor of the model, hashed on ``workers`` threads
-    (default: the CPU count, at most 16); tensors that share storage (tied embeddings) are hashed once."""
+    (default: the CPU count, at most 16); tensors that share storage (tied embeddings) are hashed once. A lazily
+    loaded model's tensors still on ``meta`` are read through :meth:`LazyWeights.read` (one per thread at a time)."""
     sd = model.state_dict(keep_vars=False)
-    key = {n: (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) for n, t in sd.items()}
+    lazy = LazyWeights.of(model)
+    key = {n: (t.device, n) if t.device.type == "meta" else (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+           for n, t in sd.items()}
     first: dict[Any, str] = {}
     for n in sd:
         first.setdefault(key[n], n)
@@ -115,5 +121,7 @@ def weight_digests(model: nn.Module, workers: int | None = None) -> dict[str, st
     with ThreadPoolExecutor(max_workers=workers) as pool:
         # largest first: the pool stays busy to the end
         names = sorted(set(first.values()), key=lambda n: -sd[n].numel() * sd[n].element_size())
-        digests = dict(zip(names, pool.map(lambda n: tensor_digest(sd[n]), names)))
+        digests = dict(zip(names, pool.map(
+            lambda n: tensor_digest(lazy.read(n) if lazy is not None and sd[n].device.type == "meta" else sd[n]),
+            names)))
     return {n: digests[first[key[n]]] for n in sd}

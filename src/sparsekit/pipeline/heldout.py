@@ -23,10 +23,11 @@ pruned in row parts on several ranks, its choice made on the whole layer's held-
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 import torch
 from torch import Tensor, nn
@@ -101,18 +102,21 @@ class HeldOut:
         return name[len(self.prefix):].partition(".")[2] if name.startswith(self.prefix) else name
 
     def resume(self, blocks: nn.ModuleList, start: int, layers: list[Any], device: torch.device,
-               act_device: torch.device) -> None:
+               act_device: torch.device,
+               open_block: Callable[[int], ContextManager[Any]] = lambda j: contextlib.nullcontext()) -> None:
         """After a resume: run the held-out inputs through the finished blocks ``< start`` (their pruned weights
-        are loaded) and reload the ``"model"``-scope choices from their layer reports."""
+        are loaded; ``open_block(j)`` materialises block ``j`` of a lazily loaded model) and reload the
+        ``"model"``-scope choices from their layer reports."""
         for r in layers:
             self.learn(r.name, r.stats)
         for j in range(start):
-            home = next(blocks[j].parameters()).device
-            blocks[j].to(device)
-            try:
-                self.advance(blocks[j], j, device, act_device)
-            finally:
-                blocks[j].to(home)
+            with open_block(j):
+                home = next(blocks[j].parameters()).device
+                blocks[j].to(device)
+                try:
+                    self.advance(blocks[j], j, device, act_device)
+                finally:
+                    blocks[j].to(home)
 
     def learn(self, name: str, stats: Any) -> None:
         """Remember the choice in a layer's ``stats`` (if it made one: not reused, held-out tokens seen) for

@@ -26,6 +26,10 @@ Checkpoints (``checkpoint_dir``): after each block, the pruned weights of its li
 each written to a temporary file and renamed with ``os.replace``. ``resume=True`` reloads the finished blocks and
 the last block's outputs and continues: the result is bit-identical to an uninterrupted run.
 
+A lazily loaded model (:func:`sparsekit.data.load_model_lazy`, :mod:`sparsekit.pipeline.lazy`) keeps its blocks on
+disk: each block is read from the safetensors shards when the loop reaches it, and written to the model's work
+folder and freed once it is pruned (and checkpointed); :func:`save_pruned` then writes one file per block.
+
 The command ``sparsekit prune`` lives in :mod:`sparsekit.cli.prune`.
 """
 
@@ -71,6 +75,7 @@ from sparsekit.pipeline.inputs import check_calibration
 from sparsekit.pipeline.distributed import Group, join
 from sparsekit.pipeline.reuse import ChildOutputCache, unwrap
 from sparsekit.pipeline.heldout import HeldOut, split_calibration
+from sparsekit.pipeline.lazy import LazyWeights
 from sparsekit.pipeline.report import REPORT_FILE, LayerReport, ModelReport, Progress, ProgressFn
 
 log = logging.getLogger(__name__)
@@ -169,6 +174,13 @@ def prune_model_(
     writes = group is None or group.is_writer
     if not writes:
         progress_fn = None  # rank 0 reports
+    lazy = LazyWeights.of(model)  # None: the whole model is in memory
+    if lazy is not None:
+        lazy.writer = writes
+
+    def materialised(i: int, changed: bool = True) -> Any:
+        """Block ``i`` of a lazily loaded model read onto the device for the body (then written and freed)."""
+        return lazy.block(i, device, changed) if lazy is not None else contextlib.nullcontext()
     num_tokens = int(attention_mask.sum()) if attention_mask is not None else calibration.numel()
     report = ModelReport(
         model=type(model).__name__,
@@ -220,9 +232,10 @@ def prune_model_(
                 if config.reg_grid:
                     held = HeldOut.capture(model, blocks, path, config, held_ids, held_mask, device, act_device,
                                            group)
-                    held.resume(blocks, start_block, report.layers, device, act_device)
+                    held.resume(blocks, start_block, report.layers, device, act_device,
+                                lambda j: materialised(j, changed=False))
             for i in range(start_block, n_run):
-                with rollback_on_error(plans[i]) if ckpt is not None else contextlib.nullcontext():
+                with materialised(i), rollback_on_error(plans[i]) if ckpt is not None else contextlib.nullcontext():
                     hidden = _prune_block(
                         i, blocks[i], plans[i], hidden, batches, config, device, act_device, report, emit, group, held
                     )
@@ -420,11 +433,21 @@ def save_pruned(
 ) -> Path:
     """Write ``model.save_pretrained`` (safetensors), the tokenizer and ``sparsekit_report.json`` to ``out_dir``.
 
+    A lazily loaded model is written shard by shard (:meth:`LazyWeights.save`: one file per block, one for the
+    rest, their index) with its config: a folder ``from_pretrained`` loads as it loads the other.
     The weight files get the permissions of any other new file (``0666`` less the umask; safetensors writes them
     ``0600``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    as_plain_model(model).save_pretrained(out, safe_serialization=True)  # a dequantised GGUF load saves as plain
+    lazy = LazyWeights.of(model)
+    if lazy is None:
+        as_plain_model(model).save_pretrained(out, safe_serialization=True)  # a dequantised GGUF load saves as plain
+    else:
+        lazy.save(out)
+        model.config.architectures = [type(model).__name__]  # what save_pretrained writes with the config
+        model.config.save_pretrained(out)
+        if model.can_generate() and getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(out)
     mode = 0o666 & ~_umask()
     for f in out.glob("*.safetensors*"):
         f.chmod(mode)
