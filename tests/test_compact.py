@@ -2,6 +2,7 @@
 
 import itertools
 import json
+from dataclasses import asdict
 import subprocess
 import sys
 
@@ -253,31 +254,70 @@ def test_import_and_cpu_forward_do_not_load_triton_or_init_cuda():
 
 
 INTERPRETED = """
-import torch
+import dataclasses, torch
 from sparsekit.compact import pack_24
 from sparsekit.kernels import sparse24 as s
 from test_compact import random_24
-W = random_24(40, 1032, seed=7).half()  # float16: the interpreter's bfloat16 tl.dot is wrong
-values, meta = pack_24(W)
-bias = torch.randn(40).half()
-for cfg in s.DECODE_CONFIGS + s.PREFILL_CONFIGS:
-    for n in ((1, 3) if not cfg.use_dot else (1, 7, 17)):
-        x = torch.randn(n, 1032).half()
-        ref = x.double() @ W.double().T + bias.double()
-        dense_err = (torch.nn.functional.linear(x.float(), W.float(), bias.float()).half().double() - ref).abs().max()
-        err = (s.launch(x, values, meta, bias, cfg).double() - ref).abs().max()
-        assert err <= 2 * dense_err, (cfg, n, err.item(), dense_err.item())
+# row and column tails (M % 8, K / 8 odd); float16 (the interpreter's bfloat16 tl.dot is wrong), and bfloat16 for
+# the stream kind, whose bfloat16 decode is integer shifts. The interpreter casts float32 to bfloat16 toward zero
+# (the GPU rounds to nearest), so there the dense oracle is cast the same way.
+def to_dtype(t, dtype):
+    if dtype != torch.bfloat16:
+        return t.to(dtype)
+    return (t.float().view(torch.int32) & -65536).view(torch.float32).to(dtype)  # exact: low half already zero
+
+M, K = 44, 1032
+kernels = sorted({dataclasses.replace(c, per_sm=0) for c in s.DECODE_CONFIGS + s.PREFILL_CONFIGS}, key=str)
+runs = [(c, c.block_n, torch.float16) for c in kernels]  # every kernel, one token tile
+runs += [(c, 1, torch.bfloat16) for c in kernels if c.kind == "stream" and c.block_n == 1]
+# two token tiles (the second one partial); for the stream kinds with per_sm=2: on the CPU two programs then run
+# every unit of the persistent loop between them (row blocks x K slices, each program every other unit)
+firsts = {}
+for c in kernels:
+    firsts.setdefault((c.kind, c.block_n), c)
+more = set(firsts.values()) | {c for c in kernels if c.kind.startswith("stream") and c.split_k > 1}
+runs += [(dataclasses.replace(c, per_sm=2) if c.kind.startswith("stream") else c, min(c.block_n + 1, 17),
+          torch.float16) for c in sorted(more, key=str)]
+for i, (cfg, n, dtype) in enumerate(runs):
+    W = random_24(M, K, seed=7).to(dtype)
+    values, meta = pack_24(W)
+    bias = torch.randn(M).to(dtype) if i % 2 else None
+    x = torch.randn(n, K).to(dtype)
+    ref = x.double() @ W.double().T + (bias.double() if bias is not None else 0)
+    dense = to_dtype(torch.nn.functional.linear(x.float(), W.float(), None if bias is None else bias.float()), dtype)
+    dense_err = (dense.double() - ref).abs().max()
+    err = (s.launch(x, values, meta, bias, cfg).double() - ref).abs().max()
+    assert err <= 2 * dense_err, (cfg, n, dtype, err.item(), dense_err.item())
 """
 
 
 @pytest.mark.slow
 def test_kernel_logic_in_triton_interpreter():
-    """Every config's program logic on the CPU (TRITON_INTERPRET=1), where Triton is installed."""
+    """Every distinct kernel's program logic on the CPU (TRITON_INTERPRET=1), where Triton is installed: one and two
+    token tiles, with and without bias, split K, and the persistent loop running several units per program."""
     pytest.importorskip("triton")
     import os
 
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
     subprocess.run([sys.executable, "-c", INTERPRETED], check=True, env=env, cwd=os.path.dirname(__file__))
+
+
+def test_sparse24_configs_and_defaults():
+    """Configs refuse impossible combinations; the measured table's configs are tuner candidates and serve its
+    shapes untuned; other shapes get a stream kernel for 1–4 tokens and tensor cores beyond."""
+    pytest.importorskip("triton")
+    from sparsekit.kernels.sparse24 import DECODE_CONFIGS, DECODE_TABLE, Config, default_config, token_bucket
+
+    for bad in (dict(kind="nope"), dict(kind="stream", block_n=16), dict(kind="gather", block_n=2),
+                dict(kind="stream_dot", block_n=4), dict(kind="dot", block_n=16, per_sm=2)):
+        with pytest.raises(InputError):
+            Config(**{"block_m": 8, "block_k": 256, **bad})
+    assert set(DECODE_TABLE.values()) <= set(DECODE_CONFIGS)
+    assert [token_bucket(n) for n in (1, 2, 3, 4, 5, 9, 16, 17, 4096)] == [1, 2, 4, 4, 8, 16, 16, 17, 17]
+    for (M, K, bucket), cfg in DECODE_TABLE.items():
+        assert default_config(M, K, bucket) == cfg
+    assert default_config(1000, 1032, 3) == Config("stream", 8, 1024, 4, 1, 4, 4)
+    assert default_config(1000, 1032, 9).kind == "stream_dot"
 
 
 # --------------------------------------------------------------------------------------------------- GPU
@@ -314,12 +354,50 @@ def test_kernel_every_config_vs_reference():
     values, meta = pack_24(W)
     bias = torch.randn(M, device="cuda", dtype=torch.bfloat16)
     for cfg in DECODE_CONFIGS + PREFILL_CONFIGS:
-        for n in ((1, 3) if not cfg.use_dot else (1, 7, 16, 300)):
+        for n in ((1, 3) if cfg.kind == "gather" else (1, 2, 4, 7) if cfg.kind == "stream" else (1, 7, 16, 300)):
             x = torch.randn(n, K, device="cuda", dtype=torch.bfloat16)
             ref = x.double() @ W.double().T + bias.double()
             dense_err = (F.linear(x, W, bias).double() - ref).abs().max().item()
             err = (launch(x, values, meta, bias, cfg).double() - ref).abs().max().item()
             assert err <= 2 * dense_err, (cfg, n, err, dense_err)
+
+
+@pytest.mark.gpu
+def test_kernel_split_k_and_persistent_grids_are_deterministic():
+    """Split K adds its float32 partial sums in a fixed order (no atomics): a launch repeated on the same input is
+    bit-identical, for every split and grid; and the grid's size does not change the result of a stream kernel."""
+    from dataclasses import replace
+
+    from sparsekit.kernels.sparse24 import DECODE_CONFIGS, launch
+
+    W = random_24(1000, 4104, seed=3).to(torch.bfloat16).cuda()
+    values, meta = pack_24(W)
+    bias = torch.randn(1000, device="cuda", dtype=torch.bfloat16)
+    for cfg in [c for c in DECODE_CONFIGS if c.split_k > 1 or c.per_sm]:
+        x = torch.randn(cfg.block_n if cfg.kind == "stream" else 5, 4104, device="cuda", dtype=torch.bfloat16)
+        ys = [launch(x, values, meta, bias, cfg) for _ in range(3)]
+        assert all(torch.equal(ys[0], y) for y in ys[1:]), cfg
+        if cfg.per_sm:
+            assert torch.equal(ys[0], launch(x, values, meta, bias, replace(cfg, per_sm=0))), cfg
+
+
+@pytest.mark.gpu
+def test_tune_checks_then_times_finalists_in_rounds():
+    from sparsekit.kernels import sparse24
+
+    W = random_24(1000, 1032, seed=5).to(torch.bfloat16).cuda()
+    values, meta = pack_24(W)
+    cfg, rows = sparse24.tune(values, meta, 3, rounds=5)
+    best = [r for r in rows if r["config"] == asdict(cfg)][0]
+    assert best["ok"] and len(best["rounds"]) == 5
+    finalists = [r for r in rows if "rounds" in r]
+    assert len(finalists) == 4 and all(r["ok"] for r in finalists)
+    assert best["us"] == min(r["us"] for r in finalists)
+    assert {r["config"]["kind"] for r in rows} == {"stream", "stream_dot", "gather", "dot"}  # every kind timed
+    assert all(r["config"]["block_n"] == 4 for r in rows if r["config"]["kind"] == "stream")  # bucket of 3
+    x = torch.randn(3, 1032, device="cuda", dtype=torch.bfloat16)
+    dense_err, ref = _dense_err(x, W)
+    assert (sparse24.sparse24_linear(x, values, meta).double() - ref).abs().max().item() <= 2 * dense_err
 
 
 @pytest.mark.gpu

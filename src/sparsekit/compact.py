@@ -9,11 +9,10 @@ A weight ``W (M, K)`` is *2:4* when every group of 4 consecutive input columns `
   (a group with fewer than 2 nonzeros keeps its lowest zero positions, with value 0).
 
 So ``W[m, 4·(j // 2) + pos(m, j)] = values[m, j]`` and every other entry is 0. In 16-bit dtypes the compact
-weight is ``K·(2 + 1/8)`` bytes per row against ``2K`` dense: 56.25 %. Why one byte per four positions: the
-Triton kernel (:mod:`sparsekit.kernels.sparse24`) loads the values as 32-bit words (one group = two 16-bit
-values) and one position byte per two groups, both as contiguous vector loads, and splits a byte into the two
-group nibbles with one ``tl.join``; a nibble ``(i0 | i1 << 2)`` serves one group, so the word and the nibble of
-group ``g`` line up without any gather.
+weight is ``K·(2 + 1/8)`` bytes per row against ``2K`` dense: 56.25 %. Why one byte per four positions: a
+byte then describes exactly the four kept values of eight columns, one 64-bit word of values, so the Triton
+kernels (:mod:`sparsekit.kernels.sparse24`) load words and bytes as contiguous vector loads under one index; a
+nibble ``(i0 | i1 << 2)`` serves one group of four columns.
 
 A checkpoint is a folder: ``config.json`` (the model's Hugging Face config), ``model.safetensors`` (every tensor
 of the state dict; a 2:4 linear ``name`` stores ``name.weight_values`` and ``name.weight_meta`` in place of
