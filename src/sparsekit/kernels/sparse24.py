@@ -150,22 +150,22 @@ PREFILL_CONFIGS: tuple[Config, ...] = (
 )
 
 
-# (out, in, token bucket) -> the fastest config measured on an H200 in bf16, used without tuning: for now the first
-# kernels' winners (BENCHMARKS.md, issue 17, run a); benchmarks/sparse24_gpu.py prints this table from its own
-# winners (every kind) to replace it.
+# (out, in, token bucket) -> the fastest config measured on an H200 in bf16, used without tuning: the winners of
+# benchmarks/sparse24_gpu.py on an H200 (torch 2.11, triton 3.6, 2026-12-04; BENCHMARKS.md, issue 17), which prints
+# this table from its own winners.
 DECODE_TABLE: dict[tuple[int, int, int], Config] = {
-    (4096, 4096, 1): Config("gather", 8, 1024, 1, 1, 4, 3),
-    (14336, 4096, 1): Config("gather", 8, 1024, 1, 1, 4, 3),
-    (4096, 14336, 1): Config("gather", 8, 1024, 1, 1, 4, 3),
-    (1024, 4096, 1): Config("gather", 8, 2048, 1, 1, 8, 3),
-    (4096, 4096, 4): Config("dot", 64, 128, 16, 4, 4, 4),
-    (14336, 4096, 4): Config("dot", 64, 128, 16, 2, 4, 4),
-    (4096, 14336, 4): Config("dot", 32, 256, 16, 4, 4, 3),
-    (1024, 4096, 4): Config("gather", 8, 1024, 1, 1, 4, 3),
-    (4096, 4096, 16): Config("dot", 32, 256, 16, 4, 4, 3),
-    (14336, 4096, 16): Config("dot", 32, 256, 16, 1, 4, 3),
-    (4096, 14336, 16): Config("dot", 32, 256, 16, 4, 4, 3),
-    (1024, 4096, 16): Config("dot", 32, 256, 16, 4, 4, 3),
+    (4096, 4096, 1): Config("stream", 4, 1024, 1, 1, 4, 4, 4),
+    (4096, 4096, 4): Config("stream_dot", 64, 128, 16, 4, 4, 5, 0),
+    (4096, 4096, 16): Config("stream_dot", 64, 128, 16, 4, 4, 5, 0),
+    (14336, 4096, 1): Config("stream", 4, 1024, 1, 1, 4, 4, 4),
+    (14336, 4096, 4): Config("dot", 64, 128, 16, 4, 4, 4, 0),
+    (14336, 4096, 16): Config("dot", 64, 128, 16, 4, 4, 4, 0),
+    (4096, 14336, 1): Config("stream", 4, 1024, 1, 1, 4, 4, 4),
+    (4096, 14336, 4): Config("stream_dot", 64, 128, 16, 4, 4, 5, 0),
+    (4096, 14336, 16): Config("stream_dot", 64, 128, 16, 4, 4, 5, 0),
+    (1024, 4096, 1): Config("stream", 4, 1024, 1, 1, 4, 4, 0),
+    (1024, 4096, 4): Config("stream", 4, 1024, 4, 1, 4, 4, 0),
+    (1024, 4096, 16): Config("dot", 32, 256, 16, 4, 4, 3, 0),
 }
 _TUNED: dict[tuple, Config] = {}
 _OCCUPANCY: dict[tuple, int] = {}  # (config, dtype, has_bias) -> programs per SM the compiled kernel allows
