@@ -341,12 +341,17 @@ def _prune_block(
                 tokens = acc.num_tokens
                 H = acc.hessian if tokens else None  # (K, K)
                 del acc  # free Σxxᵀ now; H goes right after the group
-                done = group.prune(linears, H, config, held, held_H[g]) if group is not None and H is not None else {}
+                held_bytes = (module_bytes(block) + tensor_bytes(hidden) + (0 if H is None else H.nbytes)
+                              + sum(a.num_features ** 2 * H_ENTRY_BYTES for a in accs if a is not None)
+                              + (reuse.nbytes if reuse is not None else 0))
+                mem = layer_max_memory(config.max_memory, device, held_bytes)  # each prune_weight call's budget
+                try:
+                    done = (group.prune(linears, H, config, held, held_H[g], mem)
+                            if group is not None and H is not None else {})
+                except ResourceError as e:  # one of the group's linears, on some rank
+                    raise pipeline_resource_error(e, "/".join(p.name for p in linears), config.max_memory, device,
+                                                  held_bytes) from None
                 for p in linears:
-                    held_bytes = (module_bytes(block) + tensor_bytes(hidden) + (0 if H is None else H.nbytes)
-                                  + sum(a.num_features ** 2 * H_ENTRY_BYTES for a in accs if a is not None)
-                                  + (reuse.nbytes if reuse is not None else 0))
-                    mem = layer_max_memory(config.max_memory, device, held_bytes)
                     try:
                         report.layers.append(_prune_layer(p, H, tokens, config, index[p.name], n_layers, emit,
                                                           done.get(p.name), mem, held, held_H[g]))
