@@ -181,6 +181,15 @@ def prune_model_(
     def materialised(i: int, changed: bool = True) -> Any:
         """Block ``i`` of a lazily loaded model read onto the device for the body (then written and freed)."""
         return lazy.block(i, device, changed) if lazy is not None else contextlib.nullcontext()
+
+    def finished(i: int) -> Any:
+        """Finished block ``i`` on a resume, read only. A lazily loaded model's: from the work folder (the writer
+        wrote it there when restoring it) or, on a rank that writes none, from the shards with its checkpointed
+        weights."""
+        if lazy is None:
+            return contextlib.nullcontext()
+        weights = None if lazy.writer else {f"{n}.weight": w for n, w in ckpt.load_block(i).items()}
+        return lazy.block(i, device, False, weights)
     num_tokens = int(attention_mask.sum()) if attention_mask is not None else calibration.numel()
     report = ModelReport(
         model=type(model).__name__,
@@ -232,8 +241,7 @@ def prune_model_(
                 if config.reg_grid:
                     held = HeldOut.capture(model, blocks, path, config, held_ids, held_mask, device, act_device,
                                            group)
-                    held.resume(blocks, start_block, report.layers, device, act_device,
-                                lambda j: materialised(j, changed=False))
+                    held.resume(blocks, start_block, report.layers, device, act_device, finished)
             for i in range(start_block, n_run):
                 with materialised(i), rollback_on_error(plans[i]) if ckpt is not None else contextlib.nullcontext():
                     hidden = _prune_block(
