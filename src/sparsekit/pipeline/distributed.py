@@ -33,7 +33,10 @@ runs :func:`sparsekit.pipeline.run.prune_model_` on the same model, config and c
   than the whole linear's (cuBLAS chooses its kernels, and so its rounding, by shape), so with two or more ranks
   the result may differ from one process (and between world sizes) by float32 rounding. A group of one rank
   issues the very operations of one process (one part per linear, the same chunks; tested on the CPU by
-  comparing the two runs' operations and their shapes), so its result is one process's on GPUs too.
+  comparing the two runs' operations and their shapes), so its result is one process's on GPUs too — where the
+  budget leaves the methods' row chunks whole, or plans them alike: a budget that binds is read from the device
+  (its free memory, which NCCL's own buffers lower; with ``max_memory``, less the bytes allocated, which include
+  the masks of the group's linears pruned before), so large layers may be chunked differently.
 - **Held-out regularisation** (``PruneConfig.reg_grid``): the held-out sequences are split over the ranks like the
   calibration batches and their Hessians reduced by the same ordered chain
   (:mod:`sparsekit.pipeline.heldout`); every linear is then a coupled one (above), and each choice reaches every
