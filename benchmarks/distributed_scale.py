@@ -13,11 +13,13 @@ blocks, 2:4, 128 × 2048 calibration tokens, True OBS and ADMM (its rows split o
 Every rank builds the same random model (seeded) and calibration tokens; rank 0 writes
 ``$OUT/scale_<method>_w<N>.json`` (wall time of ``prune_model_``, per-stage pruning time summed over linears, peak
 GPU memory (max over ranks), peak host RSS of rank 0, and a SHA-256 of all pruned weights) and prints the table
-(1/2/4/8 GPUs, whichever were run). True OBS's linears are cut into ``--row-parts`` parts whatever the world
-size, so equal hashes across world sizes are expected; ADMM's are cut into one part per rank, whose GEMMs cuBLAS
-rounds differently for each world size, so its hash may differ while its mean loss agrees to float32 rounding
-(on CPUs the hashes agree: tests/test_distributed.py). ``--check`` (one process only) also prunes the same model
-without a process group and records whether the weights are bit-identical. ``--reg-grid default`` chooses the
+(1/2/4/8 GPUs, whichever were run). One rank prunes every linear whole, as a run without a process group does
+(the same GPU work: ``--check`` below expects bit-identical weights). With two or more ranks True OBS's linears are
+cut into ``--row-parts`` parts whatever the world size and ADMM's into one part per rank; cuBLAS rounds a part's
+GEMMs differently from the whole linear's (it chooses kernels by shape), so on GPUs the hashes may differ from the
+1-GPU run (True OBS's may agree between 2, 4 and 8 GPUs, where its parts and chunks coincide) while the mean loss
+agrees to float32 rounding (on CPUs the hashes agree: tests/test_distributed.py). ``--check`` (one process only)
+also prunes the same model without a process group and records whether the weights are bit-identical. ``--reg-grid default`` chooses the
 damping on held-out tokens as ``sparsekit prune`` does by default (every linear is then split one part per rank;
 rows labelled ``METHOD+reg``). ``--shape tiny --device cpu`` runs the same code on CPUs through gloo (a smoke test).
 """

@@ -260,8 +260,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, world: int, port: int, src: str, out: str) -> None:
-    """One gloo rank pruning the lazily loaded model; rank 0 saves; ``rank{r}.json`` says what happened."""
+def _rank(rank: int, world: int, port: int, src: str, out: str, config: PruneConfig | None = None,
+          ids: torch.Tensor | None = None, ckpt: str | None = None) -> None:
+    """One gloo rank pruning the lazily loaded model (``config``: default true-obs; ``ckpt``: resume from this
+    checkpoint); rank 0 saves; ``rank{r}.json`` says what happened."""
     import datetime
 
     import torch.distributed as dist
@@ -272,23 +274,28 @@ def _rank(rank: int, world: int, port: int, src: str, out: str) -> None:
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
         model, _ = load_model_lazy(src)
-        report = prune_model_(model, PruneConfig(method="true-obs", batch_size=2, row_parts=2), _calib())
+        config = config or PruneConfig(method="true-obs", batch_size=2, row_parts=2)
+        resume = {} if ckpt is None else {"checkpoint_dir": ckpt, "resume": True}
+        report = prune_model_(model, config, _calib() if ids is None else ids, **resume)
         result["meta"] = all(p.device.type == "meta" for n, p in model.named_parameters() if ".layers." in n)
         if rank == 0:
             save_pruned(model, out, report)
+        else:  # rank 0 alone kept the pruned blocks
+            with pytest.raises(InputError, match="save on rank 0"):
+                save_pruned(model, Path(out, "rank1"), report)
         dist.destroy_process_group()
     except Exception as e:  # noqa: BLE001 - the test reads it
         result["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def test_two_lazy_ranks_match_one_whole_process(models, tmp_path, one_thread) -> None:
-    want = _whole(models["llama"], PruneConfig(method="true-obs", batch_size=2), _calib(), tmp_path / "whole")
-    out = tmp_path / "dist"
+def _two_lazy_ranks(src: Path, out: Path, *args: object) -> None:
+    """``_rank`` on 2 forked gloo ranks (``args``: its optional ones); asserts that neither failed and that both
+    freed every block."""
     out.mkdir()
     ctx = mp.get_context("fork")
     port = _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, 2, port, str(models["llama"]), str(out))) for r in range(2)]
+    procs = [ctx.Process(target=_rank, args=(r, 2, port, str(src), str(out), *args)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -297,7 +304,31 @@ def test_two_lazy_ranks_match_one_whole_process(models, tmp_path, one_thread) ->
         res = json.loads((out / f"rank{r}.json").read_text())
         assert "error" not in res, res["error"]
         assert res["meta"]
-    _assert_same(_weights(out), want)
+
+
+def test_two_lazy_ranks_match_one_whole_process(models, tmp_path, one_thread) -> None:
+    want = _whole(models["llama"], PruneConfig(method="true-obs", batch_size=2), _calib(), tmp_path / "whole")
+    _two_lazy_ranks(models["llama"], tmp_path / "dist")
+    _assert_same(_weights(tmp_path / "dist"), want)
+
+
+def test_two_lazy_ranks_resume_a_held_out_run(models, tmp_path, one_thread) -> None:
+    """``torchrun``'s defaults for a local model (--low-memory, --reg-grid) on --resume: every rank runs the held-out
+    slice through the finished blocks again, which rank 1 (which writes no block) reads from the checkpoint."""
+    config = PruneConfig(method="sparsegpt", batch_size=2, reg_grid=GRID, reg_scope="model", heldout_fraction=0.25,
+                         max_blocks=2)
+    ids = _calib(8)
+    want = _whole(models["llama"], config, ids, tmp_path / "whole")
+
+    def stop(ev) -> None:
+        if ev.event == "block_done" and ev.block == 0:
+            raise Stop
+
+    model, _ = load_model_lazy(str(models["llama"]))
+    with pytest.raises(Stop):
+        prune_model_(model, config, ids, stop, checkpoint_dir=tmp_path / "ckpt")
+    _two_lazy_ranks(models["llama"], tmp_path / "dist", config, ids, str(tmp_path / "ckpt"))
+    _assert_same(_weights(tmp_path / "dist"), want)
 
 
 # -- host memory ------------------------------------------------------------------------------------------------

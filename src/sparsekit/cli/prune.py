@@ -320,9 +320,10 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--prune-devices", nargs="+", default=None, metavar="DEV",
                    help="one process: split each layer's rows across these devices for pruning, one thread each "
                         "(e.g. cuda:0 cuda:1); every method. Several GPUs or machines: torchrun instead")
-    p.add_argument("--row-parts", type=int, default=8, help="under torchrun: row parts of each row-separable "
-                   "linear, spread over the ranks (fixed, so that every world size gives the same result; "
-                   "ADMM, OBS-ord and held-out choices take one part per rank)")
+    p.add_argument("--row-parts", type=int, default=8, help="under torchrun with 2+ ranks: row parts of each "
+                   "row-separable linear, spread over the ranks (fixed, so that every such world size cuts them "
+                   "alike; ADMM, OBS-ord and held-out choices take one part per rank; one rank prunes every "
+                   "linear whole, as one process does)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="memory budget of the run on --device, e.g. 24GiB or 500MB (default: what the device can "
                         "give); every layer's chunks are planned from it")

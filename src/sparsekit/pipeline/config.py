@@ -96,10 +96,12 @@ class PruneConfig:
             (``prune_weight(devices=...)``, e.g. ``("cuda:0", "cuda:1")``; :mod:`sparsekit.parallel`); every
             method. ``None``: prune on ``device``. Under ``torch.distributed`` each rank is one part instead.
         max_blocks: prune only the first ``max_blocks`` blocks (the rest stay dense); ``None``: every block.
-        row_parts: under ``torch.distributed``, the row-separable linears are pruned in this many row parts spread
-            over the ranks (:mod:`sparsekit.pipeline.distributed`); fixed here, not by the world size, so that
-            every world size gives the same result. (Linears whose rows are coupled — ADMM, OBS-ord, a held-out
-            choice — take one part per rank.) Unused in one process without a process group.
+        row_parts: under ``torch.distributed`` with two or more ranks, the row-separable linears are pruned in
+            this many row parts spread over the ranks (:mod:`sparsekit.pipeline.distributed`); fixed here, not by
+            the world size, so that every such world size cuts them alike. (Linears whose rows are coupled — ADMM,
+            OBS-ord, a held-out choice — take one part per rank.) Unused in one process without a process group
+            and in a group of one rank: every linear is then pruned whole, so that one rank issues the GPU work
+            of one process (bit-identical results on GPUs too).
         max_memory: the memory budget of the whole run on ``device``, bytes or a string like ``"24GiB"``
             (:func:`sparsekit.memory.parse_bytes`; stored as bytes). On CUDA a cap on the process's allocated
             bytes; on the CPU on what the pipeline holds for a block plus what ``prune_weight`` allocates.

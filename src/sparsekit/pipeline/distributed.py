@@ -17,9 +17,9 @@ runs :func:`sparsekit.pipeline.run.prune_model_` on the same model, config and c
   each part a :func:`sparsekit.prune_weight` call (:mod:`sparsekit.parallel`: one mechanism for threads and ranks):
 
   - a linear whose rows are pruned independently (``METHODS[m].row_separable``, no held-out choice) is cut
-    into :attr:`PruneConfig.row_parts` parts — a number fixed by the config, never by the world size, so the
-    result does not depend on it — and its parts go to ranks largest first, each to the least-loaded rank (cost
-    ``rows · K²``);
+    into :attr:`PruneConfig.row_parts` parts — a number fixed by the config, not by the world size, so every
+    world size of two or more cuts it alike — and its parts go to ranks largest first, each to the least-loaded
+    rank (cost ``rows · K²``); a group of one rank prunes it whole, as a run without a process group does;
   - a linear whose rows are coupled (ADMM, OBS-ord; or any linear when the regularisation is chosen on the
     held-out loss of the whole layer) is cut into one part per rank (fewer when it has fewer row units: ranks
     ``0 … n−1`` then, through a process subgroup), and the parts run together, reducing what couples them
@@ -27,9 +27,16 @@ runs :func:`sparsekit.pipeline.run.prune_model_` on the same model, config and c
     :mod:`sparsekit.coupling`). These linears come first, in plan order, on every rank.
 
   Every part's weights and mask are then broadcast from their owner, so every rank continues with the same
-  block. On the CPU the result is bit-identical to one process (tested with 2 and 3 gloo ranks); on GPUs the
-  parts' GEMMs have other shapes than the whole linear's, so the coupled methods' result may differ from one
-  process (and between world sizes) by float32 rounding.
+  block. Each part gets the memory budget the linear would get in one process (``max_memory``:
+  :func:`~sparsekit.pipeline.budget.layer_max_memory`), so its chunks are planned alike. On the CPU the result
+  is bit-identical to one process (tested with 2 and 3 gloo ranks); on GPUs the parts' GEMMs have other shapes
+  than the whole linear's (cuBLAS chooses its kernels, and so its rounding, by shape), so with two or more ranks
+  the result may differ from one process (and between world sizes) by float32 rounding. A group of one rank
+  issues the very operations of one process (one part per linear, the same chunks; tested on the CPU by
+  comparing the two runs' operations and their shapes), so its result is one process's on GPUs too — where the
+  budget leaves the methods' row chunks whole, or plans them alike: a budget that binds is read from the device
+  (its free memory, which NCCL's own buffers lower; with ``max_memory``, less the bytes allocated, which include
+  the masks of the group's linears pruned before), so large layers may be chunked differently.
 - **Held-out regularisation** (``PruneConfig.reg_grid``): the held-out sequences are split over the ranks like the
   calibration batches and their Hessians reduced by the same ordered chain
   (:mod:`sparsekit.pipeline.heldout`); every linear is then a coupled one (above), and each choice reaches every
@@ -171,8 +178,10 @@ def assign(plans: Sequence[LayerPlan], parts: int, world: int, coupled: Collecti
     """The work items of a group of linears and their owners. The linears named in ``coupled`` come first, in plan
     order, each in ``world`` row parts (fewer if it has fewer row units), part ``r`` on rank ``r``; the others
     follow in ``parts`` row parts each, largest first to the least-loaded rank (lowest rank on ties). Parts are
-    whole units of :func:`sparsekit.parallel.row_parts`. Depends only on its arguments, so every rank computes
-    the same assignment."""
+    whole units of :func:`sparsekit.parallel.row_parts`. With one rank every linear is one part: the work of a run
+    without a process group, whose GEMM shapes (and so, on GPUs, rounding) it then shares. Depends only on its
+    arguments, so every rank computes the same assignment."""
+    parts = parts if world > 1 else 1
     load = [0] * world
     together, spread = [], []
     for p in plans:
@@ -291,11 +300,12 @@ class Group:
         return out
 
     def prune(self, plans: Sequence[LayerPlan], H: Tensor, config: PruneConfig, held: "HeldOut | None" = None,
-              H_held: Tensor | None = None) -> dict[str, PruneResult]:
+              H_held: Tensor | None = None, max_memory: int | None = None) -> dict[str, PruneResult]:
         """Prune a group of linears sharing ``H (K, K)`` across the ranks (``held``: at the regularisation chosen on
-        the held-out Hessian ``H_held``); every rank ends with every pruned weight in place and gets each linear's
-        :class:`PruneResult` (loss over the whole linear, times summed over its parts, the first part's damping
-        and stats plus ``ranks`` and ``rows_per_part``)."""
+        the held-out Hessian ``H_held``), each part with the budget ``max_memory`` (that of a ``prune_weight``
+        call, :func:`~sparsekit.pipeline.budget.layer_max_memory`); every rank ends with every pruned weight in
+        place and gets each linear's :class:`PruneResult` (loss over the whole linear, times summed over its
+        parts, the first part's damping and stats plus ``ranks`` and ``rows_per_part``)."""
         coupled = {p.name for p in plans if coupled_rows(p, held is not None)}
         items = assign(plans, config.row_parts, self.world, coupled)
         groups = self._groups({it.parts for it in items if it.coupled and it.parts > 1})
@@ -313,10 +323,11 @@ class Group:
             gather = DistGather(self.device, groups[it.parts]) if it.coupled and it.parts > 1 else None
             try:
                 if held is not None:
-                    res = held.prune(p, H, H_held, rows=slice(it.start, it.stop), gather=gather)
+                    res = held.prune(p, H, H_held, max_memory=max_memory, rows=slice(it.start, it.stop),
+                                     gather=gather)
                 else:
                     res = prune_weight(w, H, p.pattern, p.method, damp=config.damp, damp_mode=config.damp_mode,
-                                       inplace=True, gather=gather, **p.options)
+                                       inplace=True, max_memory=max_memory, gather=gather, **p.options)
             except Exception as e:  # every rank raises it after the exchange, none waits for this one
                 if not isinstance(e, SparsekitError):  # (e.g. a CUDA error) sent as text: it may not pickle
                     log.error("rank %d: pruning %s failed", self.rank, p.name, exc_info=True)

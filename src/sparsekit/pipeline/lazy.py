@@ -29,7 +29,10 @@ opened when the model is attached (a missing, truncated or corrupt file, or a te
 shard holds, is a :class:`~sparsekit.errors.ShardError` naming the file before any work).
 
 Under ``torchrun`` every rank materialises the block being pruned (its linears' work is spread over the ranks);
-rank 0 alone writes the work folder (:attr:`LazyWeights.writer`).
+rank 0 alone writes the work folder (:attr:`LazyWeights.writer`). The other ranks free the pruned blocks
+unwritten: on a ``--resume`` with held-out regularisation they read the finished blocks, which the held-out slice
+runs through again, from the shards with the checkpointed weights (:meth:`LazyWeights.block`'s ``weights``), and
+:meth:`LazyWeights.save` refuses to run on them.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -387,20 +390,28 @@ class LazyWeights:
         return v.to(t.dtype)
 
     @contextlib.contextmanager
-    def block(self, i: int, device: "str | torch.device", changed: bool = True) -> Iterator[nn.Module]:
+    def block(self, i: int, device: "str | torch.device", changed: bool = True,
+              weights: "Mapping[str, Tensor] | None" = None) -> Iterator[nn.Module]:
         """Block ``i`` materialised on ``device`` for the body (its current values: from the work folder if it was
         written there, else from the shards), its buffers moved there. On leaving, if ``changed`` and the body
         raised nothing, the writer writes the block to the work folder; then its parameters go back to ``meta``,
-        its buffers to the CPU, and the host memory is released (:func:`release_memory`)."""
-        if i in self._dropped:
+        its buffers to the CPU, and the host memory is released (:func:`release_memory`).
+
+        ``weights``: values (by parameter name) put into the block once it is read: the pruned linears of a
+        finished block from a checkpoint. A block that this rank changed and freed unwritten (not the writer)
+        opens only with them (its values are then the shards' and these): on a resume under ``torch.distributed``
+        every rank runs the held-out slice through the finished blocks (:meth:`HeldOut.resume`)."""
+        if i in self._dropped and weights is None:
             raise RuntimeError(f"block {i} was changed and freed unwritten on this rank (not the writer): it cannot "
-                               "be read back")
+                               "be read back without its changed weights")
         device = torch.device(device)
         names = self._unique(self.block_names[i])
         params = [n for n in names if isinstance(self.tensors[n], nn.Parameter)]
         ok = False
         try:
             self._read_into(params, device)
+            for n, w in (weights or {}).items():
+                self._set(n, w, device)
             for n in names:
                 if n not in params:
                     self._set(n, None, device)
@@ -429,6 +440,10 @@ class LazyWeights:
         removed. A block written to the work folder is linked (or copied) from it, the others are written one
         tensor at a time. Returns the files written (the index last)."""
         out = Path(out_dir)
+        if self._dropped:
+            raise InputError(f"this rank pruned blocks ({', '.join(map(str, sorted(self._dropped)[:3]))}, ...) without "
+                             "keeping them: under torch.distributed rank 0 alone writes the pruned blocks; save on "
+                             "rank 0 (sparsekit.pipeline.distributed.is_lead()).")
         if out.resolve() == self.folder.resolve():
             raise InputError(f"cannot save a lazily loaded model over the folder it reads its blocks from ({out}); "
                              "choose another output folder.")

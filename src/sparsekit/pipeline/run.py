@@ -181,6 +181,15 @@ def prune_model_(
     def materialised(i: int, changed: bool = True) -> Any:
         """Block ``i`` of a lazily loaded model read onto the device for the body (then written and freed)."""
         return lazy.block(i, device, changed) if lazy is not None else contextlib.nullcontext()
+
+    def finished(i: int) -> Any:
+        """Finished block ``i`` on a resume, read only. A lazily loaded model's: from the work folder (the writer
+        wrote it there when restoring it) or, on a rank that writes none, from the shards with its checkpointed
+        weights."""
+        if lazy is None:
+            return contextlib.nullcontext()
+        weights = None if lazy.writer else {f"{n}.weight": w for n, w in ckpt.load_block(i).items()}
+        return lazy.block(i, device, False, weights)
     num_tokens = int(attention_mask.sum()) if attention_mask is not None else calibration.numel()
     report = ModelReport(
         model=type(model).__name__,
@@ -232,8 +241,7 @@ def prune_model_(
                 if config.reg_grid:
                     held = HeldOut.capture(model, blocks, path, config, held_ids, held_mask, device, act_device,
                                            group)
-                    held.resume(blocks, start_block, report.layers, device, act_device,
-                                lambda j: materialised(j, changed=False))
+                    held.resume(blocks, start_block, report.layers, device, act_device, finished)
             for i in range(start_block, n_run):
                 with materialised(i), rollback_on_error(plans[i]) if ckpt is not None else contextlib.nullcontext():
                     hidden = _prune_block(
@@ -341,12 +349,17 @@ def _prune_block(
                 tokens = acc.num_tokens
                 H = acc.hessian if tokens else None  # (K, K)
                 del acc  # free Σxxᵀ now; H goes right after the group
-                done = group.prune(linears, H, config, held, held_H[g]) if group is not None and H is not None else {}
+                held_bytes = (module_bytes(block) + tensor_bytes(hidden) + (0 if H is None else H.nbytes)
+                              + sum(a.num_features ** 2 * H_ENTRY_BYTES for a in accs if a is not None)
+                              + (reuse.nbytes if reuse is not None else 0))
+                mem = layer_max_memory(config.max_memory, device, held_bytes)  # each prune_weight call's budget
+                try:
+                    done = (group.prune(linears, H, config, held, held_H[g], mem)
+                            if group is not None and H is not None else {})
+                except ResourceError as e:  # one of the group's linears, on some rank
+                    raise pipeline_resource_error(e, "/".join(p.name for p in linears), config.max_memory, device,
+                                                  held_bytes) from None
                 for p in linears:
-                    held_bytes = (module_bytes(block) + tensor_bytes(hidden) + (0 if H is None else H.nbytes)
-                                  + sum(a.num_features ** 2 * H_ENTRY_BYTES for a in accs if a is not None)
-                                  + (reuse.nbytes if reuse is not None else 0))
-                    mem = layer_max_memory(config.max_memory, device, held_bytes)
                     try:
                         report.layers.append(_prune_layer(p, H, tokens, config, index[p.name], n_layers, emit,
                                                           done.get(p.name), mem, held, held_H[g]))
