@@ -58,9 +58,14 @@ class Tiles:
 
 def tiles(q: int) -> Tiles:
     """Tiles for ``q`` columns per step: the whole of ``q`` in one accumulator up to 128 (``Gt`` read once), else
-    128-wide ``N``-tiles (``Gt``'s slice re-read from L2 once per tile); accumulators of at most 8192 float32."""
+    128-wide ``N``-tiles (``Gt``'s slice re-read from L2 once per tile). Chosen from the sm_90 compiler report
+    (Triton 3.9, cross-compiled: no register spills, wgmma), not timed: at most 253 registers per thread."""
     n = max(16, min(128, 1 << max(0, q - 1).bit_length()))  # next power of two, 16 .. 128
-    return Tiles(block_k=128 if n <= 64 else 64, block_n=n, block_i=16 if q <= 16 else 32)
+    if n <= 32:
+        return Tiles(block_k=128, block_n=n, block_i=n)
+    if n == 64:
+        return Tiles(block_k=128, block_n=64, block_i=32, num_warps=8)
+    return Tiles(block_k=64, block_n=128, block_i=32, num_warps=8, num_stages=2)
 
 
 def available(t: Tensor) -> bool:
