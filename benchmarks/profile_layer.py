@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     for variant in ("fused", "reference") if args.obs_update == "both" else (args.obs_update,):
         obs_update.available = _AVAILABLE if variant == "fused" else (lambda t: False)
         line, results[variant] = _measure(run, W, args.repeats, dev)
+        kernel = variant == "fused" and _AVAILABLE(W)  # the fused kernel can run here (Triton, CUDA)
         lines.append({"shape": [W.shape[0], K], "method": args.method, "options": args.opt, "device": dev,
-                      "obs_update": variant, **line})
+                      "obs_update": variant, "kernel": kernel, **line})
         print(json.dumps(lines[-1]), flush=True)
         if args.profile:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
