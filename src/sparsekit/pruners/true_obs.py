@@ -27,6 +27,9 @@ A step needs only ``C_{P,:} = C0_{P,:} − U_P Uᵀ``: one batched GEMM ``(q × 
 about half the arithmetic of downdating a full ``C`` (compacted or not) at 50% sparsity (BENCHMARKS.md, "True
 OBS on GPU"). Memory per row: ``K · t_max`` entries of ``c_dtype`` (``t_max`` = the row's pruned columns:
 ``K/2`` at 2:4, at most ``K`` for rowpair-16) plus ``3 · K · q`` float32 work entries: O(chunk_size · K²).
+Per step, ``δw = −Z a`` (2.1), ``U``'s next ``q`` columns and the diagonal downdate of ``C`` all read ``Z``: for
+row-local patterns with ``independent`` scoring on CUDA they are one Triton kernel that never stores ``Z``
+(:func:`~sparsekit.kernels.obs_update.z_update_`); elsewhere (the CPU, rowpair-16, ``joint``) its torch reference.
 
 **Scaling (DESIGN.md §5).** The work runs in the scale-free coordinates ``w̃ = w D``, ``H̃ = D⁻¹ (H + Λ) D⁻¹``
 with ``D = sqrt(diag(H + Λ))`` (so ``C̃ = D C D``, unit-diagonal ``H̃``). OBS costs and updates are
@@ -62,6 +65,7 @@ from torch import Tensor
 from sparsekit.errors import InputError, PatternError
 from sparsekit.hessian import DEFAULT_DAMP, scaled_inverse
 from sparsekit.kernels.obs_linalg import LOW_PRECISION, UPCAST_SLICE_BYTES, baddbmm_, bmm, tf32
+from sparsekit.kernels.obs_update import z_update_, z_update_reference_
 from sparsekit.memory import Budget, device_budget, plan_rows, require, run_chunked
 from sparsekit.patterns import Layout
 from sparsekit.pruners import PrunerOutput
@@ -182,7 +186,7 @@ class TrueOBSChunk:
         if scoring == "independent":
             self.diag = C0.diagonal().expand(R, K).clone()  # (R, K) diag of each row's C
         else:
-            B, e, p = geom.blocks, geom.elems, geom.num_prune
+            B, p = geom.blocks, geom.num_prune
             if math.comb(B, p) > MAX_JOINT_SUBSETS:
                 raise InputError(
                     f"scoring='joint' would enumerate C({B}, {p}) = {math.comb(B, p)} subsets per scope; "
@@ -251,19 +255,22 @@ class TrueOBSChunk:
         if valid is not None:
             wP = wP * valid
         a = bmm(X, wP.unsqueeze(2)).squeeze(2)  # (R, q) L⁻¹ w_Pᵀ
-        Z = bmm(Gt.mT, X.mT)  # (R, K, q) C_{:,P} L⁻ᵀ
-        self.w.sub_(bmm(Z, a.unsqueeze(2)).squeeze(2))  # (2.1)
-        if valid is None:  # (2.2) C ← C − Z Zᵀ
-            self.U[:, :, self.t : self.t + q] = Z
+        independent = self.scoring == "independent"
+        if valid is None and independent:  # (2.1), (2.2) into U and diag, Z never stored (kernels/obs_update.py)
+            z_update_(Gt, X, a, self.U, self.t, self.w, self.diag)
+            self.t += q
+            return
+        # Z (R, K, q) = C_{:,P} L⁻ᵀ; (2.1); (2.2) C ← C − Z Zᵀ into U (row-local) and the diagonal (independent)
+        Z = z_update_reference_(Gt, X, a, self.w, self.U if valid is None else None, self.t,
+                                self.diag if independent else None)
+        if valid is None:
             self.t += q
         else:  # a row's real columns come first in P; Z's padded columns are exactly zero and go to column t_max
             dest = (self.t_row.unsqueeze(1) + torch.arange(q, device=P.device)).masked_fill_(~valid, self.t_max)
             self.U.scatter_(2, dest.unsqueeze(1).expand(R, K, q), Z.to(self.c_dtype))
             self.t_row += valid.sum(1)
             self.t = int(self.t_row.max())
-        if self.scoring == "independent":
-            self.diag.sub_(torch.linalg.vector_norm(Z, dim=2).square())
-        else:
+        if not independent:
             live = self.geom.groups[self.remaining]  # undecided scopes
             g = self.geom
             Zs = Z[g.rows[live].flatten(1), g.cols[live].flatten(1)]  # (S_live, n, q)
