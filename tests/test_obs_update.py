@@ -152,7 +152,7 @@ def _fused_and_reference(monkeypatch, W, H, **opts):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("opts", [dict(ng=64), dict(ng=256, order="largest_first")])
+@pytest.mark.parametrize("opts", [dict(ng=64), dict(ng=16, order="largest_first")])
 def test_true_obs_cuda_strict_float32_fused_equals_reference(monkeypatch, opts):
     """Mid shape, float32 U with TF32 off (IEEE float32 GEMMs in both paths): the fused path picks the masks of
     the reference path, and its weights are no further from the float64 run than the reference's are (2×)."""
@@ -169,7 +169,7 @@ def test_true_obs_cuda_strict_float32_fused_equals_reference(monkeypatch, opts):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("opts", [dict(), dict(ng=256, order="largest_first"), dict(c_dtype=torch.float32)])
+@pytest.mark.parametrize("opts", [dict(), dict(ng=16, order="largest_first"), dict(c_dtype=torch.float32)])
 def test_true_obs_cuda_tf32_fused_within_half_percent_of_float64(monkeypatch, opts):
     """Mid shape, CUDA defaults (float16 U, TF32 GEMMs) and TF32 float32 U: TF32 rounding may flip near-tied
     choices in either path, so the bar is issue 14's: the loss within 0.5% of the float64 run, as the

@@ -41,7 +41,13 @@ try:  # Triton is optional: absent on CPU-only installs
 except ImportError:  # pragma: no cover - exercised on CPU CI
     triton = None
 
-__all__ = ["Tiles", "tiles", "available", "z_update_", "z_update_reference_"]
+__all__ = ["Tiles", "tiles", "available", "z_update_", "z_update_reference_", "FUSED_MAX_Q"]
+
+#: True OBS uses the kernel up to this many columns per step. Measured on an H200 (torch 2.11, Triton 3.6,
+#: 2026-12-04, ``benchmarks/profile_layer.py --obs-update both``; BENCHMARKS.md) against the reference:
+#: 1.03-1.07× at q = 32 and 128, 0.96× at q = 256, 0.91× at q = 512. From q = 256 up, the triangular ``Z`` GEMM in
+#: Triton costs more than the passes over ``Z`` it saves; cuBLAS runs that GEMM faster.
+FUSED_MAX_Q = 128
 
 
 @dataclass(frozen=True)

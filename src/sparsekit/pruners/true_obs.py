@@ -28,8 +28,10 @@ about half the arithmetic of downdating a full ``C`` (compacted or not) at 50% s
 OBS on GPU"). Memory per row: ``K · t_max`` entries of ``c_dtype`` (``t_max`` = the row's pruned columns:
 ``K/2`` at 2:4, at most ``K`` for rowpair-16) plus ``3 · K · q`` float32 work entries: O(chunk_size · K²).
 Per step, ``δw = −Z a`` (2.1), ``U``'s next ``q`` columns and the diagonal downdate of ``C`` all read ``Z``: for
-row-local patterns with ``independent`` scoring on CUDA they are one Triton kernel that never stores ``Z``
-(:func:`~sparsekit.kernels.obs_update.z_update_`); elsewhere (the CPU, rowpair-16, ``joint``) its torch reference.
+row-local patterns with ``independent`` scoring on CUDA, up to ``q = 128`` columns per step, they are one Triton
+kernel that never stores ``Z`` (:func:`~sparsekit.kernels.obs_update.z_update_`; measured 3-7% faster per layer;
+slower from ``q = 256`` up, :data:`~sparsekit.kernels.obs_update.FUSED_MAX_Q`). Elsewhere (the CPU, larger
+steps, rowpair-16, ``joint``) its torch reference runs.
 
 **Scaling (DESIGN.md §5).** The work runs in the scale-free coordinates ``w̃ = w D``, ``H̃ = D⁻¹ (H + Λ) D⁻¹``
 with ``D = sqrt(diag(H + Λ))`` (so ``C̃ = D C D``, unit-diagonal ``H̃``). OBS costs and updates are
@@ -65,7 +67,7 @@ from torch import Tensor
 from sparsekit.errors import InputError, PatternError
 from sparsekit.hessian import DEFAULT_DAMP, scaled_inverse
 from sparsekit.kernels.obs_linalg import LOW_PRECISION, UPCAST_SLICE_BYTES, baddbmm_, bmm, tf32
-from sparsekit.kernels.obs_update import z_update_, z_update_reference_
+from sparsekit.kernels.obs_update import FUSED_MAX_Q, z_update_, z_update_reference_
 from sparsekit.memory import Budget, device_budget, plan_rows, require, run_chunked
 from sparsekit.patterns import Layout
 from sparsekit.pruners import PrunerOutput
@@ -256,7 +258,7 @@ class TrueOBSChunk:
             wP = wP * valid
         a = bmm(X, wP.unsqueeze(2)).squeeze(2)  # (R, q) L⁻¹ w_Pᵀ
         independent = self.scoring == "independent"
-        if valid is None and independent:  # (2.1), (2.2) into U and diag, Z never stored (kernels/obs_update.py)
+        if valid is None and independent and q <= FUSED_MAX_Q:  # (2.1), (2.2) into U, diag; Z never stored
             z_update_(Gt, X, a, self.U, self.t, self.w, self.diag)
             self.t += q
             return
