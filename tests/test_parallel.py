@@ -174,16 +174,20 @@ def test_devices_and_gather_are_exclusive():
 
 @pytest.mark.gpu
 def test_a_gpu_part_and_a_cpu_part_gather_on_the_weights_device():
-    """The CUDA thread path on one GPU: half the rows on cuda:0 (TF32), half on the CPU (float32)."""
+    """The CUDA thread path on one GPU: half the rows on cuda:0 (TF32), half on the CPU (float32). True OBS is
+    row-separable, so each half is exactly what that device gives for those rows alone (same shapes, same kernels;
+    the shared scale is a power of two); the two devices' roundings differ, so the whole is not compared bitwise
+    with a one-device run."""
     W, H, _ = tiny_problem(64, 512, seed=7)
     W, H = W.float().cuda(), H.float().cuda()
     opts = dict(ng=8, order="largest_first", c_dtype=torch.float32)
-    one = prune_weight(W, H, "2:4", "true-obs", **opts)
     mixed = prune_weight(W, H, "2:4", "true-obs", devices=["cuda:0", "cpu"], **opts)
     assert mixed.weight.device == W.device and mixed.mask.device == W.device
     assert mixed.stats["devices"] == ["cuda:0", "cpu"] and mixed.stats["rows_per_device"] == [32, 32]
-    assert (mixed.mask != one.mask).float().mean().item() < 1e-3
-    assert abs(mixed.loss / one.loss - 1) < 1e-3
+    gpu = prune_weight(W[:32].clone(), H, "2:4", "true-obs", **opts)
+    cpu = prune_weight(W[32:].cpu(), H.cpu(), "2:4", "true-obs", **opts)
+    assert torch.equal(mixed.mask[:32], gpu.mask) and torch.equal(mixed.weight[:32], gpu.weight)
+    assert torch.equal(mixed.mask[32:].cpu(), cpu.mask) and torch.equal(mixed.weight[32:].cpu(), cpu.weight)
 
 
 @pytest.mark.gpu
