@@ -155,6 +155,7 @@ def run_layer(lay: _Layer, label: str, shrinks: list[float], levers: bool) -> di
     and the choice on H_heldout (the lowest held-out loss, ties to the earlier candidate as in
     :func:`sparsekit.regularize.choose_regularisation`), each re-pruned with the label's ``refine``; with
     ``levers`` also each lever's choice and :data:`EXTRAS`."""
+    t0 = time.perf_counter()  # the prunings this label shares with an earlier one are not counted again
     method, opts = METHODS[label]
     base = {k: v for k, v in opts.items() if k != "refine"}
     cands = []  # grid order, then shrink: choose_regularisation's tie order
@@ -171,7 +172,6 @@ def run_layer(lay: _Layer, label: str, shrinks: list[float], levers: bool) -> di
     def choose(keep: Callable[[dict[str, Any]], bool], by: str = "hessian_heldout") -> dict[str, Any]:
         return min((c for c in cands if keep(c)), key=lambda c: c[by])
 
-    t0 = time.perf_counter()
     picks = {"default": {"damp": DEFAULT_POINT[0], "damp_mode": DEFAULT_POINT[1], "shrink": 0.0},
              "chosen": choose(LEVERS["+ shrink"]), "oracle": choose(LEVERS["+ shrink"], "hessian_domains")}
     row: dict[str, Any] = {"method": label, "default": final(picks["default"]), "chosen": final(picks["chosen"]),
