@@ -5,6 +5,8 @@ domain, dense vs SparseGPT vs True OBS (the CLI's defaults) vs ADMM, every block
     SPARSEKIT_TEXT_ROOT=DEST PYTHONPATH=src python3 benchmarks/generalisation.py --device cuda
     # dense, each method with the fixed damping and with the one chosen on held-out calibration tokens (+reg):
     ... --methods sparsegpt,sparsegpt+reg,true-obs,true-obs+reg,admm,admm+reg --reg-scope model
+    # +reg+all: as +reg, then the blocks after the choosing one pruned on every calibration token (held-out too)
+    ... --methods sparsegpt,true-obs+reg,true-obs+reg+all,admm+reg,admm+reg+all --reg-scope model
     # on a CPU, a quick check of the whole path (first block only, few tokens):
     PYTHONPATH=src python3 benchmarks/generalisation.py --max-blocks 1 --calib-tokens 512 --eval-tokens 512 \
         --method-options '{"admm": {"iters": 20}}'
@@ -51,21 +53,24 @@ from sparsekit.evaluate import (
 log = logging.getLogger("generalisation")
 
 #: method label -> (method, options); True OBS with the CLI's default options. A label with the suffix ``+reg``
-#: (e.g. ``admm+reg``) runs the method with the regularisation chosen on a held-out slice (--reg-grid etc.).
+#: (e.g. ``admm+reg``) runs the method with the regularisation chosen on a held-out slice (--reg-grid etc.); with
+#: ``+reg+all`` the linears that reuse the choice (--reg-scope model, the blocks after the first) are then pruned
+#: on every calibration token, the held-out ones included (``PruneConfig.heldout_calibrates``).
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "sparsegpt": ("sparsegpt", {}),
     "true-obs": ("true-obs", dict(DEFAULT_OPTIONS)),
     "admm": ("admm", {}),
 }
 REG = "+reg"
+ALL = "+reg+all"
 
 
-def _reg_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """PruneConfig's held-out regularisation fields of a ``+reg`` label."""
+def _reg_fields(args: argparse.Namespace, calibrates: bool) -> dict[str, Any]:
+    """PruneConfig's held-out regularisation fields of a ``+reg`` (``calibrates``: ``+reg+all``) label."""
     grid = DEFAULT_GRID if args.reg_grid == "default" else [
         (float(d), m or "mean") for d, _, m in (x.partition(":") for x in args.reg_grid.split(","))]
     return dict(reg_grid=grid, reg_shrinks=[float(a) for a in args.reg_shrinks.split(",")],
-                reg_scope=args.reg_scope, heldout_fraction=args.heldout_fraction)
+                reg_scope=args.reg_scope, heldout_fraction=args.heldout_fraction, heldout_calibrates=calibrates)
 
 
 def _load(name: str, path: str | None) -> tuple[Any, Any]:
@@ -149,11 +154,13 @@ def run_model(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     rules = _skip_rules(dense, args.max_blocks)
     extra = json.loads(args.method_options) if args.method_options else {}
     for label in args.methods.split(","):
-        base = label.removesuffix(REG)
+        calibrates = label.endswith(ALL)
+        base = label.removesuffix(ALL).removesuffix(REG)
         method, options = METHODS[base]
         config = PruneConfig(pattern=args.pattern, method=method, options={**options, **extra.get(base, {})},
                              rules=rules, damp=args.damp, damp_mode=args.damp_mode, device=args.device,
-                             batch_size=args.batch_size, **(_reg_fields(args) if label.endswith(REG) else {}))
+                             batch_size=args.batch_size,
+                             **(_reg_fields(args, calibrates) if calibrates or label.endswith(REG) else {}))
         model = copy.deepcopy(dense)
         t0 = time.perf_counter()
         report = prune_model_(model, config, calib)
@@ -184,7 +191,8 @@ def main() -> None:
     p.add_argument("--smollm2", default=None, metavar="PATH", help="a local copy of SmolLM2 (HF folder or .gguf)")
     p.add_argument("--minilm", default=None, metavar="PATH", help="a local copy of MiniLM (HF folder)")
     p.add_argument("--methods", default="sparsegpt,true-obs,admm", help=f"comma-separated of {list(METHODS)}, "
-                   f"each optionally with {REG!r} (the regularisation chosen on held-out calibration tokens)")
+                   f"each optionally with {REG!r} (the regularisation chosen on held-out calibration tokens) or "
+                   f"{ALL!r} (then, with --reg-scope model, the later blocks calibrated on the held-out tokens too)")
     p.add_argument("--reg-grid", default="default", help="for +reg: 'default' (regularize.DEFAULT_GRID) or DAMP:MODE,...")
     p.add_argument("--reg-shrinks", default="0", help="for +reg: update shrinks, comma-separated")
     p.add_argument("--reg-scope", default="layer", choices=("layer", "model"))

@@ -1,6 +1,6 @@
 """``prune_model_`` under torch.distributed (gloo on localhost): 2 and 3 ranks give the weights and masks of one
 process bit for bit, for every method and the four seed patterns (ADMM and OBS-ord split over the ranks; the 2:4
-job chooses its regularisation on held-out tokens); a rank killed mid-block ends the job with
+job chooses its regularisation on held-out tokens, then calibrates block 1 on them too); a rank killed mid-block ends the job with
 :class:`DistributedError`, and a resumed job (with another world size) gives the same result again."""
 
 from __future__ import annotations
@@ -57,8 +57,10 @@ def _config(pattern: str, device: str = "cpu", max_memory: int | None = None):
     rules = [Rule(rf"layers\.{name.replace('.', '[.]')}$", method, None, OPTIONS.get(name, {}))
              for name, method in METHOD_OF.items()]
     # coupled-2:4 also covers sequential="block" (a stage of several groups); 2:4 the held-out regularisation
-    # (2 of the 6 sequences held out: under 3 ranks one rank has none), chosen in block 0, reused in block 1
-    heldout = dict(reg_grid=((0.01, "mean"), (0.1, "diag")), heldout_fraction=0.3, reg_scope="model")
+    # (2 of the 6 sequences held out: under 3 ranks one rank has none), chosen in block 0, reused in block 1 on
+    # the merged Hessian of every token (heldout_calibrates; padded tokens in a calibration and a held-out sequence)
+    heldout = dict(reg_grid=((0.01, "mean"), (0.1, "diag")), heldout_fraction=0.3, reg_scope="model",
+                   heldout_calibrates=True)
     return PruneConfig(pattern=pattern, method="sparsegpt", rules=rules, batch_size=1, device=device, row_parts=4,
                        sequential="block" if pattern == "coupled-2:4" else "layer", max_memory=max_memory,
                        **(heldout if pattern == "2:4" else {}))
@@ -71,7 +73,7 @@ def _prune(pattern: str, device: str = "cpu", model: torch.nn.Module | None = No
     model = _model() if model is None else model
     ids = _calib()
     mask = None
-    if pattern == "2:4-pairs":  # padded tokens enter no H
+    if pattern in ("2:4-pairs", "2:4"):  # padded tokens enter no H
         mask = torch.ones_like(ids)
         mask[1, -5:] = mask[4, -9:] = 0
     prune_model_(model, _config(pattern, device, max_memory), ids, attention_mask=mask, **kw)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from torch import nn
 
 pytest.importorskip("transformers")
 
 import sparsekit.pipeline.heldout as heldout_mod  # noqa: E402
 from sparsekit import prune_weight  # noqa: E402
 from sparsekit.errors import InputError  # noqa: E402
+from sparsekit.hessian import HessianAccumulator  # noqa: E402
+from sparsekit.pipeline.blocks import HessianHooks  # noqa: E402
 from sparsekit.pipeline import PruneConfig, prune_model_  # noqa: E402
 from tests.test_pipeline import block_linears, calib, close, reference_hessians, tiny_model  # noqa: E402,F401
 
@@ -105,6 +110,92 @@ def test_model_scope_reuses_the_first_block_choice(monkeypatch) -> None:
         assert (reg["damp"], reg["damp_mode"], reg["shrink"]) == (src["damp"], src["damp_mode"], src["shrink"])
 
 
+def _masked_hessians(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, names: list[str]) -> dict:
+    """``XᵀX / N`` (float64) over the real tokens (``mask`` 1) of the inputs each named linear gets in one forward."""
+    mods = dict(model.named_modules())
+    xs: dict[str, torch.Tensor] = {}
+    hooks = [mods[n].register_forward_hook(lambda m, a, o, n=n: xs.__setitem__(n, a[0].detach())) for n in names]
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    out = {}
+    for n in names:
+        x = xs[n][mask.bool()].double()  # (N, K) the real tokens
+        out[n] = x.T @ x / x.shape[0]
+    return out
+
+
+def test_merged_hessian_is_that_of_every_token() -> None:
+    """float64 oracle: the calibration and held-out accumulators, filled through HessianHooks with padding masks
+    and merged, hold ``XᵀX / N`` of every real token, i.e. ``(N_c H_c + N_h H_h) / (N_c + N_h)``."""
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(6, 3).double()
+    batches = [(torch.randn(2, 5, 6, generator=g, dtype=torch.float64), torch.rand(2, 5, generator=g) > 0.3)
+               for _ in range(4)]
+
+    def fill(part):
+        acc = HessianAccumulator(6, torch.float64)
+        with HessianHooks([(lin, acc)]) as hooks:
+            for x, m in part:
+                hooks.batch(m)
+                lin(x)
+        return acc
+
+    calib_acc, held_acc = fill(batches[:3]), fill(batches[3:])
+    n_c, n_h, h_c, h_h = calib_acc.num_tokens, held_acc.num_tokens, calib_acc.hessian, held_acc.hessian
+    calib_acc.merge(held_acc)
+    x = torch.cat([x[m] for x, m in batches])  # (N, 6) the real tokens
+    assert calib_acc.num_tokens == n_c + n_h == x.shape[0] < 4 * 2 * 5
+    torch.testing.assert_close(calib_acc.hessian, x.T @ x / x.shape[0], rtol=1e-13, atol=0)
+    torch.testing.assert_close(calib_acc.hessian, (n_c * h_c + n_h * h_h) / (n_c + n_h), rtol=1e-13, atol=0)
+    with pytest.raises(InputError, match="6 features"):
+        calib_acc.merge(HessianAccumulator(5, torch.float64))
+    with pytest.raises(InputError, match="dtype"):
+        calib_acc.merge(HessianAccumulator(6, torch.float32))
+
+
+def test_heldout_calibrates_after_the_choosing_block() -> None:
+    """heldout_calibrates (model scope): block 0 is pruned as without it (on H_calib, at its choice); every later
+    linear on the Hessian of every real token, calibration and held-out (float64 oracle through the final model,
+    padded tokens dropped), at block 0's choice: bit for bit prune_weight on that H at the chosen damping."""
+    ids = calib(8, 16)
+    mask = torch.ones_like(ids)
+    mask[2, -5:] = mask[7, -6:] = 0  # a calibration and a held-out sequence padded
+    cfg = PruneConfig(method="sparsegpt", reg_grid=GRID, reg_scope="model", heldout_fraction=0.25, batch_size=3)
+    off, on, dense = (tiny_model("llama", layers=3) for _ in range(3))
+    prune_model_(off, cfg, ids, attention_mask=mask)
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(ev):
+        if ev.event == "layer_start":
+            seen[ev.layer] = ev.hessian.clone()
+
+    report = prune_model_(on, dataclasses.replace(cfg, heldout_calibrates=True), ids, grab, attention_mask=mask)
+    mods_on, mods_off, mods_dense = (dict(m.named_modules()) for m in (on, off, dense))
+    later = [r.name for r in report.pruned if r.block > 0]
+    ref_all = _masked_hessians(on, ids, mask, later)
+    ref_calib = _masked_hessians(on, ids[:6], mask[:6], later)
+    n_c, n_all = int(mask[:6].sum()), int(mask.sum())
+    assert report.extra["regularisation"]["heldout_calibrates"]
+    changed = 0
+    for r in report.pruned:
+        reg = r.stats["regularisation"]
+        w = mods_on[r.name].weight.data
+        if r.block == 0:
+            assert torch.equal(w, mods_off[r.name].weight.data), r.name
+            assert (reg["hessian"], reg["reused"], r.tokens) == ("calibration", False, n_c), r.name
+            continue
+        assert (reg["hessian"], reg["reused"], r.tokens) == ("calibration+heldout", True, n_all), r.name
+        assert close(seen[r.name], ref_all[r.name]), r.name
+        assert not close(seen[r.name], ref_calib[r.name]), r.name  # the held-out tokens are in it
+        want = prune_weight(mods_dense[r.name].weight.data.clone(), seen[r.name], "2:4", "sparsegpt",
+                            damp=reg["damp"], damp_mode=reg["damp_mode"])
+        assert torch.equal(w, want.weight), r.name
+        changed += not torch.equal(w, mods_off[r.name].weight.data)
+    assert changed == len(later)  # the option changes every later linear
+
+
 def test_bad_settings_are_typed_errors() -> None:
     with pytest.raises(InputError, match="heldout_fraction"):
         PruneConfig(reg_grid=GRID, heldout_fraction=1.0)
@@ -112,6 +203,12 @@ def test_bad_settings_are_typed_errors() -> None:
         PruneConfig(reg_grid=((0.01, "max"),))
     with pytest.raises(InputError, match="reg_scope"):
         PruneConfig(reg_grid=GRID, reg_scope="block")
+    with pytest.raises(InputError, match="heldout_calibrates needs"):
+        PruneConfig(heldout_calibrates=True, reg_scope="model")  # no grid
+    with pytest.raises(InputError, match="heldout_calibrates needs"):
+        PruneConfig(reg_grid=GRID, heldout_calibrates=True)  # scope "layer"
+    with pytest.raises(InputError, match="True or False"):
+        PruneConfig(reg_grid=GRID, reg_scope="model", heldout_calibrates="yes")
     model = tiny_model("llama", layers=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(InputError, match="held out"):
@@ -153,6 +250,13 @@ def test_cli_regularisation_flags() -> None:
     assert cfg.reg_grid == ((0.01, "mean"), (0.2, "diag"), (0.05, "mean"))
     assert (cfg.reg_shrinks, cfg.reg_scope, cfg.heldout_fraction) == ((0.0, 0.25), "model", 0.25)
     assert config_from_args(parse(["prune", "--reg-grid", "default"])).reg_grid == DEFAULT_GRID
+    assert not config_from_args(parse(["prune"])).heldout_calibrates  # off until measured on a GPU
+    assert config_from_args(parse(["prune", "--heldout-calibrates"])).heldout_calibrates
+    assert not config_from_args(parse(["prune", "--no-heldout-calibrates"])).heldout_calibrates
+    with pytest.raises(InputError, match="--reg-grid"):
+        config_from_args(parse(["prune", "--reg-grid", "none", "--heldout-calibrates"]))
+    with pytest.raises(InputError, match="reg_scope='model'"):
+        config_from_args(parse(["prune", "--reg-scope", "layer", "--heldout-calibrates"]))
     with pytest.raises(InputError, match="DAMP"):
         config_from_args(parse(["prune", "--reg-grid", "x:mean"]))
     assert calibration_size(True, "cuda", 8192) == (128 * 2048, 2048)

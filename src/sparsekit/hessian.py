@@ -127,6 +127,18 @@ class HessianAccumulator:
             self._sum.addmm_(x.T, x)
         self.num_tokens += x.shape[0]
 
+    def merge(self, other: "HessianAccumulator") -> None:
+        """Add ``other``'s tokens: ``Σ x xᵀ`` and ``N`` summed, so that :attr:`hessian` becomes the token-weighted
+        ``(N_a H_a + N_b H_b) / (N_a + N_b) = (X_aᵀX_a + X_bᵀX_b) / (N_a + N_b)``, the Hessian of both sets of
+        tokens accumulated together (up to the float summation order)."""
+        if not isinstance(other, HessianAccumulator) or other.num_features != self.num_features:
+            raise InputError(f"merge needs a HessianAccumulator with {self.num_features} features, got {other!r}.")
+        if other._sum.dtype != self._sum.dtype or other._sum.device != self._sum.device:
+            raise InputError(f"merge needs the same dtype and device ({self._sum.dtype} on {self._sum.device}), got "
+                             f"{other._sum.dtype} on {other._sum.device}.")
+        self._sum += other._sum
+        self.num_tokens += other.num_tokens
+
     @property
     def partial_sum(self) -> Tensor:
         """``(K, K)`` the running ``Σ x xᵀ`` itself (not a copy): :mod:`sparsekit.pipeline.distributed` sends and

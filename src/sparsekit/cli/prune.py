@@ -152,6 +152,8 @@ def _regularisation_config(args: argparse.Namespace) -> dict[str, Any]:
 
     spec = args.reg_grid.strip().lower()
     if spec in ("", "none", "off"):
+        if args.heldout_calibrates:
+            raise InputError("--heldout-calibrates needs a --reg-grid (every token calibrates without one); drop it.")
         return {}
     if spec == "default":
         grid: list[tuple[float, str]] = list(DEFAULT_GRID)
@@ -167,7 +169,8 @@ def _regularisation_config(args: argparse.Namespace) -> dict[str, Any]:
         shrinks = [float(a) for a in args.reg_shrinks.split(",")]
     except ValueError:
         raise InputError(f"--reg-shrinks {args.reg_shrinks!r} must be comma-separated numbers in [0, 1].") from None
-    return dict(reg_grid=grid, reg_shrinks=shrinks, reg_scope=args.reg_scope, heldout_fraction=args.heldout_fraction)
+    return dict(reg_grid=grid, reg_shrinks=shrinks, reg_scope=args.reg_scope, heldout_fraction=args.heldout_fraction,
+                heldout_calibrates=args.heldout_calibrates)
 
 
 def calibration_size(causal: bool, device: str | None, max_positions: int | None) -> tuple[int, int]:
@@ -255,7 +258,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         if baseline and baseline != "none" and baseline != config.method:
             bmodel, _ = load_model(args.model)
             # the baseline only needs to be comparable, not sequentially exact: one dense pass per block
-            bcfg = dataclasses.replace(config, method=baseline, options={}, rules=(), sequential="block", reg_grid=())
+            bcfg = dataclasses.replace(config, method=baseline, options={}, rules=(), sequential="block", reg_grid=(),
+                                       heldout_calibrates=False)
             print(f"pruning the {baseline} baseline for the verdict (one dense pass per block)")
             bprogress, bclose = _progress_bars(f"{baseline} baseline")
             try:
@@ -351,4 +355,7 @@ def add_cli(subparsers: Any) -> None:
                         "(6x the pruning time with the default grid)")
     p.add_argument("--heldout-fraction", type=float, default=0.125,
                    help="share of the calibration sequences held out to choose the regularisation (with --reg-grid)")
+    p.add_argument("--heldout-calibrates", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --reg-scope model: prune the linears after the choosing block on every calibration "
+                        "token, held-out ones included, at the chosen regularisation (default: off)")
     p.set_defaults(func=_cmd_prune)

@@ -114,6 +114,11 @@ class PruneConfig:
         heldout_fraction: the share of calibration sequences held out when ``reg_grid`` is given.
         reg_shrinks: update shrinks ``α`` tried with every grid point (``(0.0,)``: the method's update only).
         reg_scope: ``"layer"`` (choose for every linear) or ``"model"`` (choose in the first block, reuse by name).
+        heldout_calibrates: with ``reg_scope="model"``, the linears that reuse a choice (those of the blocks after
+            the choosing one) are pruned on the Hessian of every calibration token, held-out ones included
+            (``H_all = (N_c H_calib + N_h H_heldout) / (N_c + N_h)``; :mod:`sparsekit.pipeline.heldout`); no
+            extra forward pass. Needs ``reg_grid`` and ``reg_scope="model"`` (with ``"layer"`` every linear is
+            pruned at its own choice on ``H_calib``). Default off.
     """
 
     pattern: "str | Pattern" = DEFAULT_PATTERN
@@ -135,6 +140,7 @@ class PruneConfig:
     heldout_fraction: float = 0.125
     reg_shrinks: Sequence[float] = (0.0,)
     reg_scope: str = "layer"
+    heldout_calibrates: bool = False
 
     def __post_init__(self) -> None:
         if self.sequential not in ("layer", "block"):
@@ -163,6 +169,11 @@ class PruneConfig:
             raise InputError(f"reg_scope must be 'layer' or 'model', got {self.reg_scope!r}.")
         if not 0 < self.heldout_fraction < 1:
             raise InputError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction!r} (e.g. 0.125).")
+        if not isinstance(self.heldout_calibrates, bool):
+            raise InputError(f"heldout_calibrates must be True or False, got {self.heldout_calibrates!r}.")
+        if self.heldout_calibrates and not (self.reg_grid and self.reg_scope == "model"):
+            raise InputError("heldout_calibrates needs a reg_grid and reg_scope='model' (it prunes the linears that "
+                             "reuse a choice on every calibration token); set both, or heldout_calibrates=False.")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form; excludes where it runs (device, batch size, offload, max_memory), which does not change the
@@ -180,4 +191,5 @@ class PruneConfig:
             "row_parts": self.row_parts,
             **({"reg_grid": [list(g) for g in self.reg_grid], "heldout_fraction": self.heldout_fraction,
                 "reg_shrinks": list(self.reg_shrinks), "reg_scope": self.reg_scope} if self.reg_grid else {}),
+            **({"heldout_calibrates": True} if self.heldout_calibrates else {}),
         }

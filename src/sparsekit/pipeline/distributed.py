@@ -300,9 +300,11 @@ class Group:
         return out
 
     def prune(self, plans: Sequence[LayerPlan], H: Tensor, config: PruneConfig, held: "HeldOut | None" = None,
-              H_held: Tensor | None = None, max_memory: int | None = None) -> dict[str, PruneResult]:
+              H_held: Tensor | None = None, max_memory: int | None = None,
+              all_tokens: bool = False) -> dict[str, PruneResult]:
         """Prune a group of linears sharing ``H (K, K)`` across the ranks (``held``: at the regularisation chosen on
-        the held-out Hessian ``H_held``), each part with the budget ``max_memory`` (that of a ``prune_weight``
+        the held-out Hessian ``H_held``; ``all_tokens``: ``H`` is the merge over calibration and held-out tokens,
+        :meth:`HeldOut.calibrates`), each part with the budget ``max_memory`` (that of a ``prune_weight``
         call, :func:`~sparsekit.pipeline.budget.layer_max_memory`); every rank ends with every pruned weight in
         place and gets each linear's :class:`PruneResult` (loss over the whole linear, times summed over its
         parts, the first part's damping and stats plus ``ranks`` and ``rows_per_part``)."""
@@ -324,7 +326,7 @@ class Group:
             try:
                 if held is not None:
                     res = held.prune(p, H, H_held, max_memory=max_memory, rows=slice(it.start, it.stop),
-                                     gather=gather)
+                                     gather=gather, all_tokens=all_tokens)
                 else:
                     res = prune_weight(w, H, p.pattern, p.method, damp=config.damp, damp_mode=config.damp_mode,
                                        inplace=True, max_memory=max_memory, gather=gather, **p.options)

@@ -14,6 +14,16 @@ prunes it and reuses the choice for the linears of the same name in later blocks
 the first block; the held-out loss of the reused point is still recorded). The choice goes to the layer report's
 ``stats["regularisation"]``; :meth:`HeldOut.summary` counts the choices for the model report.
 
+``PruneConfig.heldout_calibrates`` (scope ``"model"`` only): once the choice is made, the held-out tokens need
+not stay out of the calibration. A group of linears sharing one input whose linears all reuse a choice is then
+pruned on the Hessian of every token, ``H_all = (N_c H_calib + N_h H_heldout) / (N_c + N_h)``
+(:meth:`~sparsekit.hessian.HessianAccumulator.merge`: the sums ``X_cᵀX_c + X_hᵀX_h`` over ``N_c + N_h`` real
+tokens, i.e. the Hessian accumulated over all of them; padded tokens count in neither), from the accumulators
+already filled, so no forward pass is added. The choosing block itself stays on ``H_calib`` (its choice is judged
+on the held-out tokens). The layer report's ``tokens`` is then ``N_c + N_h``, ``stats["regularisation"]`` says
+``"hessian": "calibration+heldout"``, and its ``heldout_loss`` is no longer out of sample. Measured at the layer
+level: benchmarks/GENERALISATION_issue16.md ("re-pruned at the chosen point on all calibration tokens").
+
 Under ``torch.distributed`` (:mod:`sparsekit.pipeline.distributed`) each rank runs only its share of the held-out
 batches (whole batches, split like the calibration batches; a rank may have none), and the held-out Hessians are
 reduced by the same ordered chain as the calibration ones, so they are those of one process; a linear is then
@@ -125,10 +135,16 @@ class HeldOut:
         if reg and not reg.get("reused") and reg.get("heldout_loss") is not None:
             self.choices.setdefault(self.key(name), reg)
 
+    def calibrates(self, linears: list[LayerPlan]) -> bool:
+        """Whether a group of linears sharing one input is pruned on every token (``heldout_calibrates``): each of
+        them reuses a choice made in an earlier block."""
+        return self.config.heldout_calibrates and all(self.key(p.name) in self.choices for p in linears)
+
     def hessians(self, block: nn.Module, stage: list[list[LayerPlan]], i: int, device: torch.device,
-                 stop_after: int) -> list[Tensor | None]:
-        """``H_heldout (K, K)`` per group of the stage (``None``: the group saw no held-out token); under
-        ``torch.distributed`` from every rank's batches, by the ordered reduction."""
+                 stop_after: int) -> list[HessianAccumulator]:
+        """The held-out ``Σ x xᵀ`` and token count per group of the stage (``hessian``: ``H_heldout (K, K)``;
+        ``num_tokens == 0``: the group saw no held-out token); under ``torch.distributed`` from every rank's
+        batches, by the ordered reduction."""
         accs = [HessianAccumulator(g[0].module.in_features, torch.float32, device) for g in stage]
         sources = accs if self.group is None else [self.group.deferred() for _ in accs]
         with HessianHooks([(g[0].module, src) for g, src in zip(stage, sources)], stop_after) as hooks:
@@ -140,7 +156,7 @@ class HeldOut:
                     pass
         if self.group is not None:
             self.group.reduce_hessians(accs, sources)
-        return [acc.hessian if acc.num_tokens else None for acc in accs]
+        return accs
 
     def advance(self, block: nn.Module, i: int, device: torch.device, act_device: torch.device) -> None:
         """Replace the held-out inputs by block ``i``'s outputs (its linears pruned)."""
@@ -149,9 +165,10 @@ class HeldOut:
 
     def prune(self, p: LayerPlan, H: Tensor, H_held: Tensor | None,
               progress_fn: Callable[[str], None] | None = None, max_memory: int | None = None,
-              rows: slice = slice(None), gather: Gather | None = None) -> PruneResult:
+              rows: slice = slice(None), gather: Gather | None = None, all_tokens: bool = False) -> PruneResult:
         """Prune ``p``'s weight (its ``rows``, one part of the layer with ``gather``: :mod:`sparsekit.coupling`) in
-        place at the chosen regularisation; ``stats["regularisation"]`` records it."""
+        place at the chosen regularisation; ``stats["regularisation"]`` records it and which Hessian ``H`` is
+        (``all_tokens``: the merge over calibration and held-out tokens, :meth:`calibrates`)."""
         cfg = self.config
         weight = p.module.weight.data[rows]  # (rows, K) a view
         opts = dict(p.options, progress_fn=progress_fn, devices=cfg.prune_devices, max_memory=max_memory,
@@ -181,6 +198,7 @@ class HeldOut:
                           "heldout_loss": choice.heldout_loss, "reused": False,
                           "default_heldout_loss": default[0] if default else None}
         weight.copy_(res.weight)  # after the unit: only once every part has succeeded
+        record["hessian"] = "calibration+heldout" if all_tokens else "calibration"
         res.stats = {**res.stats, "regularisation": record}
         self.learn(p.name, res.stats)
         return res
@@ -195,5 +213,6 @@ class HeldOut:
         cfg = self.config
         return {"grid": [list(g) for g in cfg.reg_grid], "shrinks": list(cfg.reg_shrinks), "scope": cfg.reg_scope,
                 "heldout_fraction": cfg.heldout_fraction, "heldout_tokens": self.num_tokens,
+                "heldout_calibrates": cfg.heldout_calibrates,
                 "chosen": dict(points.most_common())}
 

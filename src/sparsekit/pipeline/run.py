@@ -343,18 +343,24 @@ def _prune_block(
             if group is not None:
                 group.reduce_hessians(accs, sources)
             seen.clear()
-            held_H = held.hessians(block, stage, i, device, expected) if held is not None else [None] * len(stage)
+            held_accs: list[HessianAccumulator | None] = (held.hessians(block, stage, i, device, expected)
+                                                          if held is not None else [None] * len(stage))
             for g, linears in enumerate(stage):
                 acc, accs[g] = accs[g], None
+                hacc, held_accs[g] = held_accs[g], None
+                H_held = hacc.hessian if hacc is not None and hacc.num_tokens else None  # (K, K)
+                all_tokens = H_held is not None and acc.num_tokens > 0 and held.calibrates(linears)
+                if all_tokens:
+                    acc.merge(hacc)  # H_all = (N_c H_calib + N_h H_heldout) / (N_c + N_h): every token calibrates
                 tokens = acc.num_tokens
                 H = acc.hessian if tokens else None  # (K, K)
-                del acc  # free Σxxᵀ now; H goes right after the group
+                del acc, hacc  # free Σxxᵀ now; H goes right after the group
                 held_bytes = (module_bytes(block) + tensor_bytes(hidden) + (0 if H is None else H.nbytes)
                               + sum(a.num_features ** 2 * H_ENTRY_BYTES for a in accs if a is not None)
                               + (reuse.nbytes if reuse is not None else 0))
                 mem = layer_max_memory(config.max_memory, device, held_bytes)  # each prune_weight call's budget
                 try:
-                    done = (group.prune(linears, H, config, held, held_H[g], mem)
+                    done = (group.prune(linears, H, config, held, H_held, mem, all_tokens)
                             if group is not None and H is not None else {})
                 except ResourceError as e:  # one of the group's linears, on some rank
                     raise pipeline_resource_error(e, "/".join(p.name for p in linears), config.max_memory, device,
@@ -362,12 +368,11 @@ def _prune_block(
                 for p in linears:
                     try:
                         report.layers.append(_prune_layer(p, H, tokens, config, index[p.name], n_layers, emit,
-                                                          done.get(p.name), mem, held, held_H[g]))
+                                                          done.get(p.name), mem, held, H_held, all_tokens))
                     except ResourceError as e:
                         raise pipeline_resource_error(e, p.name, config.max_memory, device, held_bytes) from None
-                del H
-                held_H[g] = None
-            del accs
+                del H, H_held
+            del accs, held_accs
             if reuse is not None:
                 reuse.finished([p.name for linears in stage for p in linears])
 
@@ -392,8 +397,10 @@ def _prune_layer(
     max_memory: int | None = None,
     held: HeldOut | None = None,
     H_held: Tensor | None = None,
+    all_tokens: bool = False,
 ) -> LayerReport:
-    """Prune one linear (or report ``result``, its pruning done by :mod:`sparsekit.pipeline.distributed`)."""
+    """Prune one linear (or report ``result``, its pruning done by :mod:`sparsekit.pipeline.distributed`);
+    ``all_tokens``: ``H`` is over the calibration and held-out tokens (:meth:`HeldOut.calibrates`)."""
     M, K = p.module.weight.shape
     pat = pattern_name(p.pattern)
     kw = {"layer": p.name, "layer_index": index, "num_layers": n_layers}
@@ -410,7 +417,7 @@ def _prune_layer(
     if result is not None:  # pruned by its owner rank (sparsekit.pipeline.distributed)
         res = result
     elif held is not None:  # the regularisation chosen on the held-out slice
-        res = held.prune(p, H, H_held, method_progress, max_memory)
+        res = held.prune(p, H, H_held, method_progress, max_memory, all_tokens=all_tokens)
     else:
         res = prune_weight(
             p.module.weight.data, H, p.pattern, p.method,
