@@ -172,7 +172,6 @@ def test_single_scope_loss_is_obs_cost(block, scope, keep, method):
     r = prune_weight(W, H, pat, method, damp=0.0)
     C = torch.linalg.inv(H)
     layout = pat.resolve(M, K)
-    e = layout.block_numel
     costs = []
     for row in range(M):
         blocks = layout.cols[row]  # (B, e)

@@ -508,7 +508,7 @@ def format_tables(rows: Sequence[BenchRow], fmt: str = "rst", per_layer: bool = 
 
 def format_summary(rows: Sequence[BenchRow], fmt: str = "rst") -> str:
     """The seed's summary: per pattern the best method, and the fastest one within 1% of SparseGPT."""
-    body, bold = [], []
+    body = []
     for pat in dict.fromkeys(r.pattern for r in rows):
         aggs = [a for a in aggregate(rows, pat)[0] if a.loss is not None]
         if not aggs:
