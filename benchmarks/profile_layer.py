@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     run = lambda w: prune_weight(w, layer.hessian, args.pattern, args.method, max_memory=args.max_memory, **opts)  # noqa: E731
     lines, results = [], {}
     for variant in ("fused", "reference") if args.obs_update == "both" else (args.obs_update,):
-        obs_update.available = _AVAILABLE if variant == "fused" else (lambda t: False)
+        obs_update.available = _AVAILABLE if variant == "fused" else (lambda t, any_dtype=False: False)
         line, results[variant] = _measure(run, W, args.repeats, dev)
         kernel = variant == "fused" and _AVAILABLE(W)  # the fused kernel can run here (Triton, CUDA)
         lines.append({"shape": [W.shape[0], K], "method": args.method, "options": args.opt, "device": dev,

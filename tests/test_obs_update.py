@@ -91,13 +91,29 @@ def interpreted_checks():
 
     for i, (R, q, K, t, dtype, tiles) in enumerate(CASES):
         check_against_reference(*step_inputs(R, q, K, t, dtype, seed=i), t=t, config=tiles and Tiles(*tiles))
+    g = torch.Generator().manual_seed(0)
+    C0 = torch.randn(50, 50, generator=g)
+    P = torch.randint(0, 50, (3, 7), generator=g)
+    perm = torch.stack([torch.randperm(50, generator=g) for _ in range(3)])
+    for n in (50, 33, 1):  # strided column views, tails of the 16-wide blocks
+        assert obs_update.available(C0)
+        assert torch.equal(obs_update.gather_c0(C0, P, perm[:, :n], block=16), C0[P.unsqueeze(2), perm[:, None, :n]])
+    for dtype, width, t in ((torch.float16, 48, 37), (torch.float32, 20, 20), (torch.bfloat16, 32, 0)):
+        U = torch.randn(3, 10, width, generator=g).to(dtype)  # (R, K, width)
+        rows = torch.randint(0, 10, (3, 4), generator=g)
+        assert torch.equal(obs_update.gather_rows(U, rows, t), U[torch.arange(3).unsqueeze(1), rows, :t])
+        r, d, s = torch.tensor([0, 0, 2]), torch.tensor([1, 4, 9]), torch.tensor([7, 5, 3])  # disjoint per row
+        ref = U.clone()
+        ref[r, d, :t] = ref[r, s, :t]
+        obs_update.move_rows_(U, r, d, s, t)
+        assert torch.equal(U, ref)
     fused = obs_update.available
     for M, K, opts in ((8, 128, dict(ng=8, order="largest_first")), (4, 120, dict(ng=5))):
         layer = seed_shape_layer(M, K, tokens=2 * K, seed=K, device="cpu")
         W, H = layer.weight, layer.hessian
         exact = prune_weight(W.double(), H.double(), "2:4", "true-obs", **opts)
         res = {}
-        for name, avail in (("fused", fused), ("reference", lambda t: False)):
+        for name, avail in (("fused", fused), ("reference", lambda t, any_dtype=False: False)):
             obs_update.available = avail
             res[name] = prune_weight(W, H, "2:4", "true-obs", **opts)
         obs_update.available = fused
@@ -145,7 +161,7 @@ def _fused_and_reference(monkeypatch, W, H, **opts):
 
     fused = prune_weight(W, H, "2:4", "true-obs", **opts)
     with monkeypatch.context() as m:
-        m.setattr(obs_update, "available", lambda t: False)
+        m.setattr(obs_update, "available", lambda t, any_dtype=False: False)
         ref = prune_weight(W, H, "2:4", "true-obs", **opts)
     exact = prune_weight(W.double(), H.double(), "2:4", "true-obs", **{k: v for k, v in opts.items() if k != "c_dtype"})
     return fused, ref, exact

@@ -6,7 +6,7 @@ import torch
 from oracles import brute_force_optimum, exact_greedy, tiny_problem
 from sparsekit import InputError, get_pattern, prune_weight
 from sparsekit.hessian import scaled_inverse
-from sparsekit.pruners.true_obs import TrueOBSChunk, _geometry
+from sparsekit.pruners.true_obs import COMPACT_EVERY, TrueOBSChunk, _geometry
 
 # (pattern, M, K): tiny enough for the from-scratch greedy oracle
 GREEDY_CASES = [("2:4", 3, 12), ("3:8", 2, 24), ("2:4-pairs", 2, 16), ("coupled-2:4", 2, 32), ("rowpair-16", 16, 32)]
@@ -30,7 +30,7 @@ def _hd(H, damp=0.01):
 
 @pytest.mark.parametrize("pattern,M,K,ng,scoring", [
     ("2:4", 4, 24, 2, "independent"), ("2:4", 3, 20, 1, "joint"), ("coupled-2:4", 2, 48, 1, "joint"),
-    ("rowpair-16", 16, 64, 2, "independent"),
+    ("rowpair-16", 16, 64, 2, "independent"), ("2:4", 3, 128, 1, "independent"),  # compacted every other step
 ])
 def test_maintained_C_is_inverse_of_remaining_H(pattern, M, K, ng, scoring):
     W, H, _ = tiny_problem(M, K, seed=7)
@@ -38,21 +38,32 @@ def test_maintained_C_is_inverse_of_remaining_H(pattern, M, K, ng, scoring):
     inv = scaled_inverse(H, 0.01, "mean")
     chunk = TrueOBSChunk(W * inv.d, inv.C, _geometry(layout, M, W.device), scoring)
     Hd = _hd(H)
-    for _ in range(3):
+    while chunk.left:  # to the end: the compaction's moves differ from step to step
         chunk.step(ng, "largest_first")
         C = chunk.inverse()  # (M, K, K) scaled
         for r in range(M):
             R = (~chunk.pruned[r]).nonzero().flatten()
             ref = torch.linalg.inv(Hd[R][:, R]) * inv.d[R, None] * inv.d[None, R]
             assert torch.allclose(C[r][R][:, R], ref, atol=1e-9 * ref.abs().max().item(), rtol=0)
-        assert (chunk.w[chunk.pruned] == 0).all()
+        # compaction: each row's remaining columns lie in the first n positions, n ≤ the most remaining + K/32
+        # (+ the step); perm is a permutation and pos its inverse on them
+        rem = ~chunk.pruned
+        pending = sum(p.shape[1] for p, _ in chunk.stale)  # pruned since the last compaction, < K/32 of them
+        assert pending * COMPACT_EVERY < K and chunk.n <= int(rem.sum(1).max()) + pending
+        for r in range(M):
+            assert torch.equal(chunk.perm[r].sort().values, torch.arange(K))
+            assert bool(rem[r, chunk.perm[r, : chunk.n]].sum() == rem[r].sum())
+            cols = rem[r].nonzero().flatten()
+            assert torch.equal(chunk.perm[r, chunk.pos[r, cols]], cols)
+        w = chunk.weights()
+        assert (w[chunk.pruned] == 0).all()
         # pruned so far: the weights are the optimal refit of the original row (exact OBS = least squares)
         mask = ~chunk.pruned
         for r in range(M):
             Rk, P = mask[r].nonzero().flatten(), (~mask[r]).nonzero().flatten()
             w0 = W[r]
             ref = w0[Rk] + torch.linalg.solve(Hd[Rk][:, Rk], Hd[Rk][:, P] @ w0[P])
-            assert torch.allclose(chunk.w[r][Rk] / inv.d[Rk], ref, atol=1e-9, rtol=0)
+            assert torch.allclose(w[r][Rk] / inv.d[Rk], ref, atol=1e-9, rtol=0)
 
 
 @pytest.mark.parametrize("pattern,M,K", [("2:4", 2, 12), ("2:4-pairs", 2, 16), ("coupled-2:4", 1, 16), ("3:8", 2, 16)])

@@ -19,6 +19,13 @@ in its epilogue stores the tile into ``U`` in ``U``'s dtype and accumulates ``Z 
 the reduction of column ``j`` of ``Z`` stops at ``j`` (the skipped products are exact zeros): half the FLOPs of
 the reference's full ``bmm``.
 
+Before that, the step reads ``C0_{P,:}`` at each row's remaining columns (True OBS keeps them in a per-row order,
+``perm``): :func:`gather_c0` copies ``C0[P[r, i], cols[r, j]]`` in one pass (a Triton kernel; on the CPU two torch
+gathers, a full row of ``C0`` per pruned column first). Indexing ``C0`` with both index tensors at once would
+materialise two int64 indices per element (4× the data: measured as an out-of-memory error at ``q = 512``).
+:func:`gather_rows` (``U_P``) and :func:`move_rows_` (the compaction's moves) copy rows of ``U`` with wide loads;
+torch's advanced indexing of the same rows ran at ≈ 0.25 TB/s (13% of a layer's time at the seed shape).
+
 Tiles are picked from ``q`` by :func:`tiles` (no autotuning; one compilation per tile set and ``U`` dtype);
 any ``q``, ``K`` and ``R`` (masked tails). The CPU, float64 inputs and installs without Triton run the
 reference (the interpreter runs the kernel on the CPU under ``TRITON_INTERPRET=1``: ``tests/test_obs_update.py``).
@@ -41,7 +48,8 @@ try:  # Triton is optional: absent on CPU-only installs
 except ImportError:  # pragma: no cover - exercised on CPU CI
     triton = None
 
-__all__ = ["Tiles", "tiles", "available", "z_update_", "z_update_reference_", "FUSED_MAX_Q"]
+__all__ = ["Tiles", "tiles", "available", "gather_c0", "gather_rows", "move_rows_", "z_update_", "z_update_reference_",
+           "FUSED_MAX_Q"]
 
 #: True OBS uses the kernel up to this many columns per step. Measured on an H200 (torch 2.11, Triton 3.6,
 #: 2026-12-04, ``benchmarks/profile_layer.py --obs-update both``; BENCHMARKS.md) against the reference:
@@ -64,22 +72,73 @@ class Tiles:
 
 def tiles(q: int) -> Tiles:
     """Tiles for ``q`` columns per step: the whole of ``q`` in one accumulator up to 128 (``Gt`` read once), else
-    128-wide ``N``-tiles (``Gt``'s slice re-read from L2 once per tile). Chosen from the sm_90 compiler report
-    (Triton 3.9, cross-compiled: no register spills, wgmma), not timed: at most 253 registers per thread."""
+    128-wide ``N``-tiles (``Gt``'s slice re-read from L2 once per tile). Timed on an H200 with TF32 at the mean
+    step of the two layers that matter (``benchmarks/obs_update_tiles.py``, BENCHMARKS.md, issue 14): q = 128 (the
+    seed layer at ``prune_weight``'s defaults) 128×128 tiles, 4 warps: 0.80 ms against 1.21 ms for the first
+    choice (64×128, 8 warps); q = 32 (ng=16 on 4096×14336) 64-row tiles: 0.56 ms against 0.76 ms (128 rows).
+    The other sizes keep the first choice, read from the sm_90 compiler report (no spills), not timed."""
     n = max(16, min(128, 1 << max(0, q - 1).bit_length()))  # next power of two, 16 .. 128
     if n <= 32:
-        return Tiles(block_k=128, block_n=n, block_i=n)
+        return Tiles(block_k=64 if n == 32 else 128, block_n=n, block_i=n)
     if n == 64:
         return Tiles(block_k=128, block_n=64, block_i=32, num_warps=8)
-    return Tiles(block_k=64, block_n=128, block_i=32, num_warps=8, num_stages=2)
+    return Tiles(block_k=128, block_n=128, block_i=32, num_warps=4, num_stages=2)
 
 
-def available(t: Tensor) -> bool:
-    """True when the kernel runs for ``Gt = t``: float32 on CUDA with Triton installed, or any float32 tensor
-    under the Triton interpreter (``TRITON_INTERPRET=1``, the CPU tests)."""
-    if triton is None or t.dtype != torch.float32:
+def available(t: Tensor, any_dtype: bool = False) -> bool:
+    """True when the kernels run for ``Gt = t``: float32 (any dtype with ``any_dtype``: the copies) on CUDA with
+    Triton installed, or on the CPU under the Triton interpreter (``TRITON_INTERPRET=1``, the CPU tests)."""
+    if triton is None or not (any_dtype or t.dtype == torch.float32):
         return False
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _copy_rows(src: Tensor, dst: Tensor, src_off: Tensor, dst_off: Tensor, t: int, block: int = 512) -> None:
+    """``dst[dst_off[k] : + t] = src[src_off[k] : + t]`` (flat element offsets) for every ``k``: one program per
+    (run, ``block`` elements), wide loads when every offset is a multiple of 16 elements."""
+    aligned = all(x % 16 == 0 for x in (*src.stride()[:-1], *dst.stride()[:-1], src.storage_offset(),
+                                          dst.storage_offset()))
+    _copy_rows_kernel[(src_off.numel(), triton.cdiv(t, block))](src, dst, src_off, dst_off, t, BLOCK=block,
+                                                                  ALIGNED=aligned)
+
+
+def gather_rows(U: Tensor, rows: Tensor, t: int) -> Tensor:
+    """``U[r, rows[r, i], :t]`` for ``U (R, K, width)`` (last stride 1), ``rows (R, q)`` -> ``(R, q, t)`` (a view of
+    a buffer whose rows are padded to 16 elements). The kernel copies each row's ``t`` contiguous elements with
+    wide loads, where torch's advanced indexing copies element by element (≈ 0.25 TB/s measured on an H200)."""
+    R, q = rows.shape
+    if not available(U, any_dtype=True):
+        return U[torch.arange(R, device=U.device).unsqueeze(1), rows, :t]
+    t16 = -(-t // 16) * 16
+    out = torch.empty(R, q, t16, dtype=U.dtype, device=U.device)
+    r = torch.arange(R, device=U.device).unsqueeze(1)
+    dst = torch.arange(R * q, device=U.device) * t16
+    _copy_rows(U, out, (r * U.stride(0) + rows * U.stride(1)).flatten(), dst, t)
+    return out[:, :, :t]
+
+
+def move_rows_(U: Tensor, r: Tensor, d: Tensor, s: Tensor, t: int) -> None:
+    """In place ``U[r_k, d_k, :t] = U[r_k, s_k, :t]`` for every ``k`` (1-D ``r, d, s``); no ``(r_k, d_k)`` may be
+    another move's source."""
+    if not available(U, any_dtype=True):
+        U[r, d, :t] = U[r, s, :t]
+        return
+    _copy_rows(U, U, r * U.stride(0) + s * U.stride(1), r * U.stride(0) + d * U.stride(1), t)
+
+
+def gather_c0(C0: Tensor, P: Tensor, cols: Tensor, block: int = 1024) -> Tensor:
+    """``Gt[r, i, j] = C0[P[r, i], cols[r, j]]``: rows ``P (R, q)`` of ``C0 (K, K)`` at columns ``cols (R, n)``
+    (any strides) -> ``(R, q, n)`` contiguous, in ``C0``'s dtype. The kernel when :func:`available`, else the
+    torch reference (two gathers through an ``(R, q, K)`` copy of the rows)."""
+    R, q = P.shape
+    n = cols.shape[1]
+    if not available(C0):
+        rows = C0[P.flatten()].view(R, q, C0.shape[1])  # (R, q, K)
+        return rows.gather(2, cols.unsqueeze(1).expand(R, q, n))
+    out = torch.empty(R, q, n, dtype=C0.dtype, device=C0.device)
+    _gather_kernel[(R * q, triton.cdiv(n, block))](
+        C0, P, cols, out, q, n, C0.stride(0), P.stride(0), P.stride(1), cols.stride(0), cols.stride(1), BLOCK=block)
+    return out
 
 
 def z_update_reference_(Gt: Tensor, X: Tensor, a: Tensor, w: Tensor, U: Tensor | None = None, t: int = 0,
@@ -124,6 +183,27 @@ def z_update_(Gt: Tensor, X: Tensor, a: Tensor, U: Tensor, t: int, w: Tensor, di
 
 
 if triton is not None:
+
+    @triton.jit
+    def _gather_kernel(C, P, COLS, OUT, q, n, s_ck, s_pr, s_pi, s_cr, s_cj, BLOCK: tl.constexpr):
+        ri = tl.program_id(0).to(tl.int64)  # r·q + i
+        r = ri // q
+        row = tl.load(P + r * s_pr + (ri % q) * s_pi)  # the column of C0 pruned: a row of the symmetric C0
+        js = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = js < n
+        c = tl.load(COLS + r * s_cr + js * s_cj, mask=m, other=0)
+        tl.store(OUT + ri * n + js, tl.load(C + row * s_ck + c, mask=m), mask=m)
+
+    @triton.jit
+    def _copy_rows_kernel(S, D, SOFF, DOFF, t, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+        so = tl.load(SOFF + tl.program_id(0))
+        do = tl.load(DOFF + tl.program_id(0))
+        if ALIGNED:
+            so = tl.multiple_of(so, 16)
+            do = tl.multiple_of(do, 16)
+        js = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = js < t
+        tl.store(D + do + js, tl.load(S + so + js, mask=m), mask=m)
 
     @triton.jit
     def _z_update_kernel(

@@ -25,8 +25,19 @@ numbers of elements per step: the per-row sets are padded to the chunk's largest
 ``U = [Z_1 … Z_s] (K, t)``, ``t`` = columns pruned so far. Each row stores ``U``, not ``C``; ``C0`` is shared.
 A step needs only ``C_{P,:} = C0_{P,:} − U_P Uᵀ``: one batched GEMM ``(q × t)·(t × K)`` per row on tensor cores,
 about half the arithmetic of downdating a full ``C`` (compacted or not) at 50% sparsity (BENCHMARKS.md, "True
-OBS on GPU"). Memory per row: ``K · t_max`` entries of ``c_dtype`` (``t_max`` = the row's pruned columns:
-``K/2`` at 2:4, at most ``K`` for rowpair-16) plus ``3 · K · q`` float32 work entries: O(chunk_size · K²).
+OBS on GPU").
+
+**Compaction.** Only the remaining columns' entries of ``C_{P,:}`` are ever used: a pruned column's row of ``C``
+is zero after its step (the Schur complement removes it), so what is computed there never reaches a remaining
+column. Each row therefore keeps ``w``, the diagonal and ``U``'s rows in its own column order with its remaining
+columns first (``perm``/``pos``), and a step runs over the first ``n ≈ K − t`` positions only: the GEMM is
+``(q × t)·(t × n)``. Over a 2:4 row that is ``Σ 2q·t·(K − t) ≈ K³/6`` FLOPs and bytes of ``U`` instead of ``K³/4``,
+and every other per-step pass shrinks by ``n/K`` (¾ on average). The prefix is compacted once the pruned columns
+still in it reach ``K /`` :data:`COMPACT_EVERY` (so ``n`` is at most 3% above ``K − t``), moving as many rows of
+``U`` per row as there are such columns, never all of ``U`` (:meth:`TrueOBSChunk._compact`).
+
+Memory per row: ``K · t_max`` entries of ``c_dtype`` (``t_max`` = the row's pruned columns: ``K/2`` at 2:4, at
+most ``K`` for rowpair-16) plus ``3 · K · q`` float32 work entries: O(chunk_size · K²).
 Per step, ``δw = −Z a`` (2.1), ``U``'s next ``q`` columns and the diagonal downdate of ``C`` all read ``Z``: for
 row-local patterns with ``independent`` scoring on CUDA, up to ``q = 128`` columns per step, they are one Triton
 kernel that never stores ``Z`` (:func:`~sparsekit.kernels.obs_update.z_update_`; measured 3-7% faster per layer;
@@ -67,7 +78,8 @@ from torch import Tensor
 from sparsekit.errors import InputError, PatternError
 from sparsekit.hessian import DEFAULT_DAMP, scaled_inverse
 from sparsekit.kernels.obs_linalg import LOW_PRECISION, UPCAST_SLICE_BYTES, baddbmm_, bmm, tf32
-from sparsekit.kernels.obs_update import FUSED_MAX_Q, z_update_, z_update_reference_
+from sparsekit.kernels.obs_update import (FUSED_MAX_Q, gather_c0, gather_rows, move_rows_, z_update_,
+                                          z_update_reference_)
 from sparsekit.memory import Budget, device_budget, plan_rows, require, run_chunked
 from sparsekit.patterns import Layout
 from sparsekit.pruners import PrunerOutput
@@ -87,6 +99,9 @@ log = logging.getLogger(__name__)
 __all__ = ["prune_true_obs", "chunk_bytes", "TrueOBSChunk", "SCORINGS"]
 
 SCORINGS = ("independent", "joint")
+#: The prefix of positions a step runs over is compacted once it holds ``K / COMPACT_EVERY`` pruned columns: each
+#: compaction is ~30 small kernels, so it is not done every step when steps are small (``q < K / 32``).
+COMPACT_EVERY = 32
 
 
 # ---- options ------------------------------------------------------------------------------------------------
@@ -161,7 +176,7 @@ class TrueOBSChunk:
         c_dtype: torch.dtype | None = None,
     ) -> None:
         R, K = w.shape
-        self.w = w  # (R, K) scaled weights, float32/float64
+        self.w = w  # (R, K) scaled weights, float32/float64, in position order (below)
         self.C0 = C0  # (K, K) scaled damped inverse, same dtype as w
         self.geom = geom
         self.scoring = scoring
@@ -180,13 +195,21 @@ class TrueOBSChunk:
         self.U = alloc(R, K, width, dtype=self.c_dtype, device=w.device)  # (R, K, width >= t_max [+ 1])
         self.t = 0  # columns of U in use (the largest row's count)
         self.t_row = torch.zeros(R, dtype=torch.long, device=w.device)  # (R,) columns used by each row
+        # Compaction: w, diag and U's rows are kept in each row's own column order, the row's remaining columns
+        # first (positions [0, K − t_row)). perm (a permutation per row) gives the column at each position, pos
+        # the position of each column (read for remaining columns only).
+        self.perm = torch.arange(K, device=w.device).expand(R, K).clone()  # (R, K)
+        self.pos = self.perm.clone()  # (R, K)
+        self.n = K  # positions a step runs over: each row's remaining columns, and pruned ones until compacted
+        self.stale: list[tuple[Tensor, Tensor | None]] = []  # (positions, valid) pruned since the last compaction
+        self.t_done: int | Tensor = 0  # U's columns (per row unless row-local) at the last compaction
         self.pruned = torch.zeros(R, K, dtype=torch.bool, device=w.device)
         self.remaining = torch.ones(G, Sg, dtype=torch.bool, device=w.device)
         self.left = Sg  # undecided scopes per group (equal in every group)
         self.steps = 0
         self.jitter_steps = 0
         if scoring == "independent":
-            self.diag = C0.diagonal().expand(R, K).clone()  # (R, K) diag of each row's C
+            self.diag = C0.diagonal().expand(R, K).clone()  # (R, K) diag of each row's C, in position order
         else:
             B, p = geom.blocks, geom.num_prune
             if math.comb(B, p) > MAX_JOINT_SUBSETS:
@@ -204,9 +227,10 @@ class TrueOBSChunk:
         """Cheapest choice of the scopes ``ids (G, n)``: ``(cost (G, n), keep (G, n, B) bool)``."""
         g = self.geom
         r, c = g.rows[ids], g.cols[ids]  # (G, n, B, e)
-        wv = self.w[r, c]
+        p = self.pos[r, c]  # undecided scopes: every element is a remaining column
+        wv = self.w[r, p]
         if self.scoring == "independent":
-            return independent_choice(wv, self.diag[r, c], g.num_prune)
+            return independent_choice(wv, self.diag[r, p], g.num_prune)
         return best_subset(wv.flatten(-2), self.blocks[ids], g.blocks, g.num_prune, g.elems)
 
     def select(self, ng: int, order: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -237,46 +261,89 @@ class TrueOBSChunk:
         return (er, ec, *per_row_sets(er, ec, self.w.shape[0], g.row_local))
 
     def update(self, P: Tensor, valid: Tensor | None) -> None:
-        """Prune ``P (R, q)`` (column indices per row; ``valid`` marks real entries) by (2.1) and (2.2)."""
+        """Prune ``P (R, q)`` (column indices per row; ``valid`` marks real entries) by (2.1) and (2.2).
+
+        Everything runs over the first ``n`` positions (module docstring, "Compaction"): every remaining column
+        of every row is there; so are the columns pruned since the last compaction and, for rows that prune
+        fewer columns than others, pruned ones past the row's own count."""
         R, K = self.w.shape
         q = P.shape[1]
-        ar = torch.arange(R, device=P.device).unsqueeze(1)
-        Gt = self.C0[P.flatten()].view(R, q, K)  # (R, q, K) C0_{P,:}
+        n = self.n
+        Pp = self.pos.gather(1, P)  # (R, q) positions of P, each below its row's count
+        if valid is not None:
+            Pp.masked_fill_(~valid, 0)  # padding: any position in range (its rows are zeroed below)
+        Gt = gather_c0(self.C0, P, self.perm[:, :n])  # (R, q, n) C0_{P,:} in position order
         if self.t:
             t = self.t
-            baddbmm_(Gt, self.U[ar, P, :t], self.U[:, :, :t].mT, alpha=-1.0)  # C_{P,:} = C0_{P,:} − U_P Uᵀ
+            U_P = gather_rows(self.U, Pp, t)  # (R, q, t)
+            baddbmm_(Gt, U_P, self.U[:, :n, :t].mT, alpha=-1.0)  # C_{P,:} = C0_{P,:} − U_P Uᵀ
         if valid is not None:
             Gt.mul_(valid.unsqueeze(2))
-        Cpp = Gt.gather(2, P.unsqueeze(1).expand(R, q, q))  # (R, q, q) C_PP
+        Cpp = Gt.gather(2, Pp.unsqueeze(1).expand(R, q, q))  # (R, q, q) C_PP
         Cpp = (Cpp + Cpp.mT) / 2
         if valid is not None:
             Cpp.mul_(valid.unsqueeze(1) & valid.unsqueeze(2))
             Cpp.diagonal(dim1=1, dim2=2).add_((~valid).to(Cpp.dtype))  # identity padding
         X = self._factor(Cpp)  # (R, q, q) L⁻¹
-        wP = self.w.gather(1, P)  # (R, q)
+        wP = self.w.gather(1, Pp)  # (R, q)
         if valid is not None:
             wP = wP * valid
         a = bmm(X, wP.unsqueeze(2)).squeeze(2)  # (R, q) L⁻¹ w_Pᵀ
         independent = self.scoring == "independent"
+        w, U, diag = self.w[:, :n], self.U[:, :n], self.diag[:, :n] if independent else None
         if valid is None and independent and q <= FUSED_MAX_Q:  # (2.1), (2.2) into U, diag; Z never stored
-            z_update_(Gt, X, a, self.U, self.t, self.w, self.diag)
+            z_update_(Gt, X, a, U, self.t, w, diag)
             self.t += q
-            return
-        # Z (R, K, q) = C_{:,P} L⁻ᵀ; (2.1); (2.2) C ← C − Z Zᵀ into U (row-local) and the diagonal (independent)
-        Z = z_update_reference_(Gt, X, a, self.w, self.U if valid is None else None, self.t,
-                                self.diag if independent else None)
-        if valid is None:
-            self.t += q
-        else:  # a row's real columns come first in P; Z's padded columns are exactly zero and go to column t_max
-            dest = (self.t_row.unsqueeze(1) + torch.arange(q, device=P.device)).masked_fill_(~valid, self.t_max)
-            self.U.scatter_(2, dest.unsqueeze(1).expand(R, K, q), Z.to(self.c_dtype))
-            self.t_row += valid.sum(1)
-            self.t = int(self.t_row.max())
-        if not independent:
-            live = self.geom.groups[self.remaining]  # undecided scopes
-            g = self.geom
-            Zs = Z[g.rows[live].flatten(1), g.cols[live].flatten(1)]  # (S_live, n, q)
-            self.blocks[live] -= (Zs @ Zs.mT) * self.same_row[live]
+        else:  # Z (R, n, q) = C_{:,P} L⁻ᵀ; (2.1); (2.2) C ← C − Z Zᵀ into U (row-local) and the diagonal
+            Z = z_update_reference_(Gt, X, a, w, U if valid is None else None, self.t, diag)
+            if valid is None:
+                self.t += q
+            else:  # a row's real columns come first in P; Z's padded columns are exactly zero and go to column t_max
+                dest = (self.t_row.unsqueeze(1) + torch.arange(q, device=P.device)).masked_fill_(~valid, self.t_max)
+                U.scatter_(2, dest.unsqueeze(1).expand(R, n, q), Z.to(self.c_dtype))
+                self.t_row += valid.sum(1)
+                self.t = int(self.t_row.max())
+            if not independent:
+                live = self.geom.groups[self.remaining]  # undecided scopes
+                g = self.geom
+                lr = g.rows[live].flatten(1)
+                Zs = Z[lr, self.pos[lr, g.cols[live].flatten(1)]]  # (S_live, n, q)
+                self.blocks[live] -= (Zs @ Zs.mT) * self.same_row[live]
+        self.stale.append((Pp, valid))
+        if sum(p.shape[1] for p, _ in self.stale) * COMPACT_EVERY >= K:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Move each row's remaining columns back to its first positions after pruning the positions in
+        :attr:`stale`: the remaining columns among the last ``q`` positions of the row's count (``q`` = the columns
+        pruned since the last compaction) move into the holes the pruned ones leave below them (swap-remove)."""
+        R, K = self.w.shape
+        Pp = torch.cat([p for p, _ in self.stale], 1)  # (R, q) all below the row's count n_old
+        valid = None if self.stale[0][1] is None else torch.cat([v for _, v in self.stale], 1)
+        self.stale = []
+        n_old = K - self.t_done  # int or (R, 1)
+        self.t_done = self.t if valid is None else self.t_row.unsqueeze(1).clone()
+        self.n = K - (self.t if valid is None else int(self.t_row.min()))
+        q = Pp.shape[1]
+        j = torch.arange(q, device=Pp.device)
+        cnt = q if valid is None else valid.sum(1, keepdim=True)  # (R, 1) real pruned columns per row
+        n_new = n_old - cnt
+        pruned = Pp if valid is None else Pp.masked_fill(~valid, K)  # padding past every position
+        mark = torch.zeros(R, K + q + 1, dtype=torch.bool, device=Pp.device)
+        mark.scatter_(1, pruned, True)
+        tail = (n_new + j).expand(R, q)  # the positions from the new count on
+        leaves = mark.gather(1, tail) | (j >= cnt)  # pruned there, or past the old count
+        src = tail.gather(1, torch.sort(leaves.to(torch.uint8), dim=1, stable=True).indices)  # movers first
+        dst = pruned.sort(dim=1).values  # holes (below the new count) first
+        moving = j < q - leaves.sum(1, keepdim=True)  # as many movers as holes
+        r, d, s = torch.arange(R, device=Pp.device).unsqueeze(1).expand(R, q)[moving], dst[moving], src[moving]
+        move_rows_(self.U, r, d, s, self.t)
+        self.w[r, d] = self.w[r, s]
+        if self.scoring == "independent":
+            self.diag[r, d] = self.diag[r, s]
+        cd, cs = self.perm[r, d], self.perm[r, s]
+        self.perm[r, d], self.perm[r, s] = cs, cd
+        self.pos[r, cs], self.pos[r, cd] = d, s
 
     def _factor(self, Cpp: Tensor) -> Tensor:
         def retry(n_bad: int, jitter: float) -> None:
@@ -296,13 +363,17 @@ class TrueOBSChunk:
         self.left -= pos.shape[1]
         self.update(P, valid)
         self.pruned[er, ec] = True
-        self.w.masked_fill_(self.pruned, 0.0)
         self.steps += 1
+
+    def weights(self) -> Tensor:
+        """``(R, K)`` the scaled weights in column order, the pruned ones exactly 0."""
+        return torch.empty_like(self.w).scatter_(1, self.perm, self.w).masked_fill_(self.pruned, 0.0)
 
     def inverse(self) -> Tensor:
         """``(R, K, K)`` each row's current ``C`` in the original (unscaled) coordinates is ``D⁻¹ C̃ D⁻¹``; this
-        returns the scaled ``C̃ = C0 − U Uᵀ`` with the pruned rows and columns set to 0."""
-        U = self.U[:, :, : self.t].to(self.C0.dtype)
+        returns the scaled ``C̃ = C0 − U Uᵀ`` (column order) with the pruned rows and columns set to 0."""
+        U = self.U[:, :, : self.t].to(self.C0.dtype)  # (R, K, t) position order
+        U = torch.empty_like(U).scatter_(1, self.perm.unsqueeze(2).expand_as(U), U)  # column order
         C = self.C0.unsqueeze(0) - U @ U.mT
         keep = (~self.pruned).to(C.dtype)
         return C * keep.unsqueeze(2) * keep.unsqueeze(1)
@@ -313,9 +384,10 @@ def chunk_bytes(layout: Layout, ng: int, c_dtype: torch.dtype, work: torch.dtype
     """``(per_row, fixed)`` bytes of a chunk of :class:`TrueOBSChunk` rows (for :func:`sparsekit.memory.plan_rows`).
 
     Per row (``q`` = columns pruned per step, ``t`` = ``U``'s width, ``c``/``s`` bytes of ``c_dtype``/work):
-    ``U`` ``K·t·c``; the gather ``U_P`` ``q·t·c``; ``C_{P,:}``, ``Z``, its ``c_dtype`` copy and the product
-    ``4·K·q·s``; ``C_PP``, its factor and work ``4·q²·s``; weights, diagonal, copies ``4·K·s``; the int64 row/column
-    indices of the chunk's geometry and of the scoring gathers (``6·K·8``) and the masks. Fixed: ``C0`` (``K²·s``),
+    ``U`` ``K·t·c``; the gather ``U_P`` ``q·t·c``; ``C_{P,:}``, the rows of ``C0`` it is gathered from (CPU),
+    ``Z``, its ``c_dtype`` copy and the product ``5·K·q·s``; ``C_PP``, its factor and work ``4·q²·s``; weights,
+    diagonal, copies ``4·K·s``; the int64 row/column indices of the chunk's geometry and of the scoring gathers, the
+    per-row ``perm`` and ``pos`` (``8·K·8``) and the masks. Fixed: ``C0`` (``K²·s``),
     the pruned mask (``M·K``) and, when ``U`` is stored in another dtype, the upcast operands of the reference GEMM
     (:func:`~sparsekit.kernels.obs_linalg.baddbmm_`: one row on the CPU, a slice on CUDA without a fast path).
     """
@@ -326,7 +398,7 @@ def chunk_bytes(layout: Layout, ng: int, c_dtype: torch.dtype, work: torch.dtype
     width = -(-(t_max + 1) // 16) * 16
     q = min(K, ng * p * e)
     c, s = c_dtype.itemsize, work.itemsize
-    per_row = K * width * c + q * width * c + 4 * K * q * s + 4 * q * q * s + 4 * K * s + 6 * K * 8 + 4 * K
+    per_row = K * width * c + q * width * c + 5 * K * q * s + 4 * q * q * s + 4 * K * s + 8 * K * 8 + 4 * K
     upcast = max(UPCAST_SLICE_BYTES, (q + K) * width * s) if c_dtype != work else 0
     fixed = K * K * s + M * K + upcast
     return per_row, fixed
@@ -353,7 +425,7 @@ def _run_chunk(W: Tensor, pruned: Tensor, r0: int, r1: int, C0: Tensor, geom: _G
     chunk = TrueOBSChunk(W[r0:r1].clone(), C0, geom, scoring, c_dtype)
     while chunk.left:
         chunk.step(ng, order)
-    W[r0:r1] = chunk.w
+    W[r0:r1] = chunk.weights()
     pruned[r0:r1] = chunk.pruned
     return chunk.steps, chunk.jitter_steps
 
