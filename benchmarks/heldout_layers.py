@@ -11,8 +11,8 @@ The three Hessians of a layer: ``H_calib`` from the calibration split of ``mixed
 minimises), ``H_heldout`` from the held-out split of the same sources (what the regularisation is chosen on)
 and ``H_domains`` from the held-out kinds of text that ``mixed`` never contains (fortunes, jargon, devil,
 foldoc, licenses, interleaved: the judge). Per layer and method (:data:`METHODS`: SparseGPT, True OBS, ADMM
-from SparseGPT as ``prune_weight`` runs it or from True OBS, each ADMM with ``refine="swap"`` too) the table
-has the relative output error through each H, at the default damping (0.01, mean) and at the regularisation
+from SparseGPT as ``prune_weight`` runs it or from True OBS, each ADMM with ``refine="swap"`` too; or a label
+with options changed, ``admm:rho=1.0``) the table has the relative output error through each H, at the default damping (0.01, mean) and at the regularisation
 chosen on ``H_heldout`` among the candidates :data:`sparsekit.regularize.DEFAULT_GRID` × the update shrinks
 (the lowest held-out loss, as :func:`sparsekit.regularize.choose_regularisation` chooses). Each grid point is
 pruned once per method and every choice read from those candidates; a ``+swap`` label chooses on its
@@ -29,6 +29,7 @@ JSON goes to ``$OUT/heldout_layers.json`` (default ``out/heldout_layers``); the 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import re
@@ -150,13 +151,26 @@ class _Layer:
         return _losses(self.W, shrink_update(self.W, res.weight, res.mask, shrink), self.H)
 
 
+def method_of(label: str) -> tuple[str, dict[str, Any]]:
+    """``(method, options)`` of a :data:`METHODS` label, or of ``label:key=value[:key=value...]`` (that label with
+    options changed, Python literals: ``admm:rho=1.0`` is ADMM from SparseGPT at initial penalty 1)."""
+    name, _, extra = label.partition(":")
+    if name not in METHODS:
+        raise SystemExit(f"unknown method label {name!r}; use one of {list(METHODS)}, optionally with :key=value,...")
+    method, opts = METHODS[name]
+    for pair in filter(None, extra.split(":")):
+        key, _, value = pair.partition("=")
+        opts = {**opts, key: ast.literal_eval(value)}
+    return method, opts
+
+
 def run_layer(lay: _Layer, label: str, shrinks: list[float], levers: bool) -> dict[str, Any]:
     """One method on one layer: the candidates (grid × shrinks, pruned on H_calib without ``refine``), the default
     and the choice on H_heldout (the lowest held-out loss, ties to the earlier candidate as in
     :func:`sparsekit.regularize.choose_regularisation`), each re-pruned with the label's ``refine``; with
     ``levers`` also each lever's choice and :data:`EXTRAS`."""
     t0 = time.perf_counter()  # the prunings this label shares with an earlier one are not counted again
-    method, opts = METHODS[label]
+    method, opts = method_of(label)
     base = {k: v for k, v in opts.items() if k != "refine"}
     cands = []  # grid order, then shrink: choose_regularisation's tie order
     for point in DEFAULT_GRID:
@@ -263,7 +277,8 @@ def main() -> None:
     p.add_argument("--layers", default=None, help="layer-name regex (--save default: LAYERS[model]; run: all)")
     p.add_argument("--tokens", type=int, default=8192, help="tokens per Hessian")
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated of {list(METHODS)}")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated labels of {list(METHODS)}, each optionally with :key=value (admm:rho=1.0)")
     p.add_argument("--shrinks", default="0,0.1,0.25,0.5", help="update shrinks tried with every damping")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--levers", action="store_true",
