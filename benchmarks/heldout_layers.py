@@ -12,9 +12,10 @@ minimises), ``H_heldout`` from the held-out split of the same sources (what the 
 and ``H_domains`` from the held-out kinds of text that ``mixed`` never contains (fortunes, jargon, devil,
 foldoc, licenses, interleaved: the judge). Per layer and method (:data:`METHODS`: SparseGPT, True OBS, ADMM
 from SparseGPT as ``prune_weight`` runs it or from True OBS, each ADMM with ``refine="swap"`` too; or a label
-with options changed, ``admm:rho=1.0``) the table has the relative output error through each H, at the default damping (0.01, mean) and at the regularisation
-chosen on ``H_heldout`` among the candidates :data:`sparsekit.regularize.DEFAULT_GRID` × the update shrinks
-(the lowest held-out loss, as :func:`sparsekit.regularize.choose_regularisation` chooses). Each grid point is
+with options changed, ``admm:rho=1.0``) the table has the relative output error through each H, at the default
+damping (0.01, mean) and at the regularisation chosen on ``H_heldout`` among the candidates
+:data:`sparsekit.regularize.DEFAULT_GRID` × the update shrinks (the lowest held-out loss, as
+:func:`sparsekit.regularize.choose_regularisation` chooses). Each grid point is
 pruned once per method and every choice read from those candidates; a ``+swap`` label chooses on its
 method's candidates without the swap (the swap search costs ~25× ADMM on a CPU) and swaps at the chosen
 point only. ``--levers`` adds each lever's choice in turn (:data:`LEVERS`) and :data:`EXTRAS`: the chosen
