@@ -2,13 +2,14 @@
 
     PYTHONPATH=src python3 benchmarks/obs_update_tiles.py [--out DIR]
 
-For each step shape (rows ``R`` of a chunk, columns per step ``q``, positions ``n``, ``U``'s columns so far ``t``:
-the mean step of the seed layer at ``prune_weight``'s defaults under 24 GiB, and of a 4096×14336 layer at ng=16)
-every candidate :class:`~sparsekit.kernels.obs_update.Tiles` is run with TF32 on (as True OBS runs it), its
-largest difference from the torch reference printed, and timed (``triton.testing.do_bench``, median), then the seed layer
-is pruned with the default tiles and with the fastest ones for its ``q`` (same process, 2 runs each): the time and
-whether the masks agree. Needs CUDA and Triton. ``--out DIR``: the JSON lines also go to
-``DIR/obs_update_tiles.jsonl``.
+For each step shape (rows ``R`` of a chunk, columns per step ``q``, positions ``n``, ``U``'s columns so far ``t``):
+the mean step of the seed layer at ``prune_weight``'s defaults under 24 GiB, of a 4096×14336 layer at ng=16, and
+of that layer at q = 256 / 512 (where :data:`~sparsekit.kernels.obs_update.FUSED_MAX_Q` is decided), the torch
+reference and every candidate :class:`~sparsekit.kernels.obs_update.Tiles` run with TF32 on (as True OBS runs
+them) and are timed (``triton.testing.do_bench``, median); each candidate's largest difference from the reference
+is printed. Then the seed layer is pruned with the default tiles and with the fastest ones for its ``q`` (same
+process, 2 runs each): the time and whether the masks agree. Needs CUDA and Triton. ``--out DIR``: the JSON
+lines also go to ``DIR/obs_update_tiles.jsonl``.
 """
 
 from __future__ import annotations
@@ -30,18 +31,24 @@ from sparsekit.kernels.obs_update import Tiles
 DEVICE = "cuda"
 LAYER_Q = 128  # columns per step of the seed layer at prune_weight's defaults (ng=64, 2:4)
 # (name, R, q, n, t, U width): mean steps of the two layers (BENCHMARKS.md, issue 14)
-SHAPES = [("seed ng=64", 184, 128, 7296, 2432, 4880), ("4096x14336 ng=16", 256, 32, 10752, 3584, 7184)]
+SHAPES = [("seed ng=64", 184, 128, 7296, 2432, 4880), ("4096x14336 ng=16", 256, 32, 10752, 3584, 7184),
+          ("4096x14336 ng=128", 200, 256, 10752, 3584, 7184), ("4096x14336 ng=256", 200, 512, 10752, 3584, 7184)]
+_WIDE = [Tiles(128, 128, 32, 4, 2), Tiles(64, 128, 32, 8, 2), Tiles(128, 128, 32, 8, 2), Tiles(64, 128, 32, 4, 3),
+         Tiles(256, 128, 32, 8, 2)]  # q > 128: 128-wide N-tiles, Gt's slice re-read from L2 per tile
 CANDIDATES = {
     128: [Tiles(64, 128, 32, 8, 2), Tiles(64, 128, 32, 4, 3), Tiles(128, 128, 32, 8, 2), Tiles(128, 128, 32, 8, 3),
           Tiles(128, 128, 16, 8, 3), Tiles(32, 128, 32, 4, 3), Tiles(64, 128, 64, 8, 2), Tiles(128, 64, 32, 4, 3),
           Tiles(256, 128, 32, 8, 2), Tiles(64, 128, 16, 4, 4), Tiles(128, 128, 32, 4, 2)],
     32: [Tiles(128, 32, 32, 4, 3), Tiles(256, 32, 32, 4, 3), Tiles(256, 32, 32, 8, 3), Tiles(128, 32, 16, 4, 4),
          Tiles(64, 32, 32, 4, 3), Tiles(512, 32, 32, 8, 2), Tiles(256, 32, 16, 8, 4)],
+    256: _WIDE,
+    512: _WIDE,
 }
 
 
 def step_operands(R: int, q: int, n: int, t: int, width: int, seed: int = 0) -> tuple:
-    """Random operands of one step on :data:`DEVICE` with the production strides (``U``, ``w``, ``diag`` views of ``K``)."""
+    """Random operands of one step on :data:`DEVICE` with the production strides (``U``, ``w``, ``diag``: views of
+    ``K`` positions)."""
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     K = n + t
     Gt = torch.randn(R, q, n, device=DEVICE, generator=g)
@@ -59,7 +66,10 @@ def sweep(name: str, R: int, q: int, n: int, t: int, width: int) -> list[dict]:
     ref = [w.clone(), diag.clone()]
     obs_update.z_update_reference_(Gt, X, a, ref[0], U, t, ref[1])
     ref.append(U[:, :, t : t + q].clone())  # the new columns (U is shared: each run rewrites them)
-    lines = []
+    w2, d2 = w.clone(), diag.clone()  # the torch reference's time: what True OBS runs above FUSED_MAX_Q
+    ms = triton.testing.do_bench(lambda: obs_update.z_update_reference_(Gt, X, a, w2, U, t, d2), warmup=5, rep=50)
+    lines = [{"shape": name, "R": R, "q": q, "n": n, "t": t, "tiles": "torch reference", "ms": ms}]
+    print(json.dumps(lines[-1]), flush=True)
     for cfg in CANDIDATES[q]:
         out = [w.clone(), diag.clone()]
         try:
@@ -108,7 +118,7 @@ def main() -> None:
     with tf32(True):  # as True OBS runs the kernel on CUDA (TF32 tl.dot)
         for shape in SHAPES:
             lines += sweep(*shape)
-    ok = [x for x in lines if "ms" in x and x["q"] == LAYER_Q]
+    ok = [x for x in lines if "ms" in x and x["q"] == LAYER_Q and x["tiles"] != "torch reference"]
     best = Tiles(*min(ok, key=lambda x: x["ms"])["tiles"])
     lines.append(layer_ab(best))
     print(json.dumps(lines[-1]), flush=True)
