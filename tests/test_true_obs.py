@@ -149,3 +149,20 @@ def test_real_layer_beats_sparsegpt(minilm_ffn_out):
         assert tobs < 0.95 * sgpt, (pattern, tobs, sgpt)
     l2r = prune_weight(W, H, "2:4", "true-obs", ng=32, order="left_to_right", chunk_size=64).loss
     assert losses["2:4"][0] <= l2r
+
+
+@pytest.mark.parametrize("order", ["left_to_right", "largest_first"])
+def test_row_local_step_syncs_the_host_once(order):
+    """A row-local step reads one value back from the device (the Cholesky check of ``C_PP``): no boolean-mask
+    indexing (nonzero) in the selection, the pruned sets or the compaction, which runs every step here (q = K/32),
+    so on CUDA the host can queue a step's small kernels behind its GEMM."""
+    W, H, _ = tiny_problem(8, 256, seed=6)
+    inv = scaled_inverse(H, 0.01, "mean")
+    layout = get_pattern("2:4").resolve(8, 256)
+    chunk = TrueOBSChunk((W * inv.d).float(), inv.C.float(), _geometry(layout, 8, W.device), "independent")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(4):
+            chunk.step(4, order)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("aten::nonzero", 0) == 0
+    assert counts.get("aten::_local_scalar_dense", 0) == 4

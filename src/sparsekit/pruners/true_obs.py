@@ -243,8 +243,8 @@ class TrueOBSChunk:
             ids = self.geom.groups[:, done : done + k]
             _, keep = self.choose(ids)
             return pos, ids, keep
-        pos_all = torch.arange(Sg, device=self.w.device).expand(G, Sg)
-        pos_rem = pos_all[self.remaining].view(G, self.left)
+        # the undecided positions in order (a stable sort, not a boolean mask: no host sync)
+        pos_rem = torch.argsort((~self.remaining).to(torch.uint8), dim=1, stable=True)[:, : self.left]
         ids_rem = self.geom.groups.gather(1, pos_rem)
         cost, keep = self.choose(ids_rem)  # (G, left), (G, left, B)
         top = cost.topk(k, dim=1).indices  # (G, k) the most expensive first
@@ -255,9 +255,12 @@ class TrueOBSChunk:
     def _pruned_sets(self, ids: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Elements pruned by the step: ``(el_rows, el_cols, P (R, q), valid (R, q) or None)``."""
         g = self.geom
-        drop = ~keep  # (G, k, B)
-        er = g.rows[ids][drop].flatten()  # (N,) rows; row-local: grouped by row, in row order
-        ec = g.cols[ids][drop].flatten()
+        G, k, B = keep.shape
+        # the num_prune dropped blocks of each scope in block order (a stable sort, not a boolean mask: no host sync)
+        drop = torch.argsort(keep.to(torch.uint8), dim=2, stable=True)[..., : g.num_prune]  # (G, k, p)
+        drop = drop.unsqueeze(-1).expand(G, k, g.num_prune, g.elems)
+        er = g.rows[ids].gather(2, drop).flatten()  # (N,) rows; row-local: grouped by row, in row order
+        ec = g.cols[ids].gather(2, drop).flatten()
         return (er, ec, *per_row_sets(er, ec, self.w.shape[0], g.row_local))
 
     def update(self, P: Tensor, valid: Tensor | None) -> None:
@@ -335,8 +338,12 @@ class TrueOBSChunk:
         leaves = mark.gather(1, tail) | (j >= cnt)  # pruned there, or past the old count
         src = tail.gather(1, torch.sort(leaves.to(torch.uint8), dim=1, stable=True).indices)  # movers first
         dst = pruned.sort(dim=1).values  # holes (below the new count) first
-        moving = j < q - leaves.sum(1, keepdim=True)  # as many movers as holes
-        r, d, s = torch.arange(R, device=Pp.device).unsqueeze(1).expand(R, q)[moving], dst[moving], src[moving]
+        r = torch.arange(R, device=Pp.device).unsqueeze(1).expand(R, q)
+        if valid is None:  # past the movers, src and dst both list the pruned positions past the new count: the
+            r, d, s = r.flatten(), dst.flatten(), src.flatten()  # moves onto themselves change nothing (no sync)
+        else:
+            moving = j < q - leaves.sum(1, keepdim=True)  # as many movers as holes
+            r, d, s = r[moving], dst[moving], src[moving]
         move_rows_(self.U, r, d, s, self.t)
         self.w[r, d] = self.w[r, s]
         if self.scoring == "independent":
