@@ -8,7 +8,8 @@ The layer is synthetic (:func:`sparsekit.data.synthetic.seed_shape_layer` at the
 scales, power-law correlations, ``--tokens`` samples behind ``H``), on CUDA when present. ``--rows`` prunes only
 the first rows (True OBS and the other row-separable methods cost the same per row whatever the count, once the
 planner's chunk is full). One warm-up on 64 rows, then ``--repeats`` timed runs (median), the peak memory, the
-method's stats (ADMM: iterations, refit solver), and with ``--profile`` the top CUDA kernels of one more run.
+method's stats (ADMM: iterations, refit solver), and with ``--profile`` the top CUDA kernels of one more run and
+the torch operators that launched them (with the host time each took).
 Options are ``key=value`` with Python literals (``ng=256``, ``order='largest_first'``, ``tf32=True``).
 
 ``--obs-update reference`` makes True OBS run its torch reference update instead of the fused Triton kernel
@@ -76,10 +77,12 @@ def main(argv: list[str] | None = None) -> None:
                       "obs_update": variant, "kernel": kernel, **line})
         print(json.dumps(lines[-1]), flush=True)
         if args.profile:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=acts) as prof:
                 run(W)
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70),
-                  flush=True)
+            table = prof.key_averages().table  # kernels by their own time, then the torch ops that launched them
+            print(table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=70), flush=True)
+            print(table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70), flush=True)
     obs_update.available = _AVAILABLE
     if len(results) == 2:
         f, r = results["fused"], results["reference"]

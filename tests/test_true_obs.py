@@ -151,18 +151,63 @@ def test_real_layer_beats_sparsegpt(minilm_ffn_out):
     assert losses["2:4"][0] <= l2r
 
 
+@pytest.mark.parametrize("checked", [True, False])
 @pytest.mark.parametrize("order", ["left_to_right", "largest_first"])
-def test_row_local_step_syncs_the_host_once(order):
-    """A row-local step reads one value back from the device (the Cholesky check of ``C_PP``): no boolean-mask
-    indexing (nonzero) in the selection, the pruned sets or the compaction, which runs every step here (q = K/32),
-    so on CUDA the host can queue a step's small kernels behind its GEMM."""
+def test_row_local_step_syncs_the_host_only_when_checked(order, checked):
+    """An unchecked row-local step reads nothing back from the device, a checked one one value (the Cholesky check of
+    ``C_PP``): no boolean-mask indexing (nonzero) in the selection, the pruned sets or the compaction, which runs
+    every step here (q = K/32), so on CUDA the host can queue the next steps' small kernels behind a GEMM."""
     W, H, _ = tiny_problem(8, 256, seed=6)
     inv = scaled_inverse(H, 0.01, "mean")
     layout = get_pattern("2:4").resolve(8, 256)
-    chunk = TrueOBSChunk((W * inv.d).float(), inv.C.float(), _geometry(layout, 8, W.device), "independent")
+    chunk = TrueOBSChunk((W * inv.d).float(), inv.C.float(), _geometry(layout, 8, W.device), "independent",
+                         checked=checked)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(4):
             chunk.step(4, order)
     counts = {e.key: e.count for e in prof.key_averages()}
     assert counts.get("aten::nonzero", 0) == 0
-    assert counts.get("aten::_local_scalar_dense", 0) == 4
+    assert counts.get("aten::_local_scalar_dense", 0) == (4 if checked else 0)
+
+
+def test_failed_unchecked_chunk_is_rerun_checked(monkeypatch):
+    """A ``C_PP`` reported indefinite in an unchecked step makes the driver discard the chunk and run it, and every
+    later chunk of the layer, checked: the result is bit-identical to a run without the failure."""
+    import sparsekit.pruners.true_obs as true_obs
+
+    W, H, _ = tiny_problem(32, 64, seed=11)
+    clean = prune_weight(W, H, "2:4", "true-obs", ng=2, chunk_size=16)
+    assert clean.stats["checked_chunks"] == 0
+    real, calls = true_obs.chol_inv_factor, []
+
+    def fails_once(A):
+        X, info = real(A)
+        calls.append(1)
+        if len(calls) == 3:  # the third unchecked factorisation, in the first chunk
+            info = info.clone()
+            info[0] = 1
+        return X, info
+
+    monkeypatch.setattr(true_obs, "chol_inv_factor", fails_once)
+    res = prune_weight(W, H, "2:4", "true-obs", ng=2, chunk_size=16)
+    assert torch.equal(res.mask, clean.mask) and torch.equal(res.weight, clean.weight)
+    assert res.stats["checked_chunks"] == 2  # the failed chunk, then the second chunk straight away
+    assert res.stats["steps"] == clean.stats["steps"]  # the discarded run's steps are not counted
+    assert len(calls) == 8  # the 8 steps of the first chunk's unchecked run; checked runs factor elsewhere
+
+
+@pytest.mark.parametrize("pattern,M,K,opts", [
+    ("2:4", 6, 64, dict(ng=8, order="largest_first")), ("rowpair-16", 16, 64, dict(ng=4)),
+    ("2:4", 4, 48, dict(ng=6, scoring="joint")),
+])
+def test_update_split_in_pieces_is_the_whole_update(monkeypatch, pattern, M, K, opts):
+    """A step's columns pruned a few at a time (``FUSED_MAX_Q`` = 3, so every step is split, unevenly) give the
+    result of pruning them at once, in float64: the same masks, the weights to rounding."""
+    import sparsekit.pruners.true_obs as true_obs
+
+    W, H, _ = tiny_problem(M, K, seed=9)
+    whole = prune_weight(W, H, pattern, "true-obs", **opts)
+    monkeypatch.setattr(true_obs, "FUSED_MAX_Q", 3)
+    split = prune_weight(W, H, pattern, "true-obs", **opts)
+    assert torch.equal(split.mask, whole.mask)
+    assert torch.allclose(split.weight, whole.weight, atol=1e-10, rtol=0)

@@ -51,11 +51,12 @@ except ImportError:  # pragma: no cover - exercised on CPU CI
 __all__ = ["Tiles", "tiles", "available", "gather_c0", "gather_rows", "move_rows_", "z_update_", "z_update_reference_",
            "FUSED_MAX_Q"]
 
-#: True OBS uses the kernel up to this many columns per step. Measured on an H200 (torch 2.11, Triton 3.6,
-#: 2026-12-04, ``benchmarks/profile_layer.py --obs-update both``; BENCHMARKS.md) against the reference:
-#: 1.03-1.07× at q = 32 and 128, 0.96× at q = 256, 0.91× at q = 512. From q = 256 up, the triangular ``Z`` GEMM in
-#: Triton costs more than the passes over ``Z`` it saves; cuBLAS runs that GEMM faster.
-FUSED_MAX_Q = 128
+#: True OBS uses the kernel up to this many columns per step. Timed on an H200 (torch 2.11, Triton 3.6,
+#: 2026-12-04, ``benchmarks/obs_update_tiles.py``; BENCHMARKS.md) against the torch reference at the mean step of
+#: 4096×14336: q = 32 0.55 vs 1.42 ms, q = 256 3.19 vs 4.00 ms (1.26×) with the 128×128 4-warp tiles; q = 512
+#: 9.0–9.7 vs 8.9 ms (no tile set faster: the triangular ``Z`` GEMM in Triton costs what the passes over ``Z``
+#: save; cuBLAS runs it as fast).
+FUSED_MAX_Q = 256
 
 
 @dataclass(frozen=True)

@@ -37,12 +37,13 @@ still in it reach ``K /`` :data:`COMPACT_EVERY` (so ``n`` is at most 3% above ``
 ``U`` per row as there are such columns, never all of ``U`` (:meth:`TrueOBSChunk._compact`).
 
 Memory per row: ``K · t_max`` entries of ``c_dtype`` (``t_max`` = the row's pruned columns: ``K/2`` at 2:4, at
-most ``K`` for rowpair-16) plus ``3 · K · q`` float32 work entries: O(chunk_size · K²).
-Per step, ``δw = −Z a`` (2.1), ``U``'s next ``q`` columns and the diagonal downdate of ``C`` all read ``Z``: for
-row-local patterns with ``independent`` scoring on CUDA, up to ``q = 128`` columns per step, they are one Triton
-kernel that never stores ``Z`` (:func:`~sparsekit.kernels.obs_update.z_update_`; measured 3-7% faster per layer;
-slower from ``q = 256`` up, :data:`~sparsekit.kernels.obs_update.FUSED_MAX_Q`). Elsewhere (the CPU, larger
-steps, rowpair-16, ``joint``) its torch reference runs.
+most ``K`` for rowpair-16) plus ``3 · K · min(q, 256)`` float32 work entries: O(chunk_size · K²).
+A step's ``q`` columns are pruned at most :data:`~sparsekit.kernels.obs_update.FUSED_MAX_Q` = 256 at a time
+(:meth:`TrueOBSChunk.update`: the same result in exact arithmetic). Per update, ``δw = −Z a`` (2.1), ``U``'s next columns and
+the diagonal downdate of ``C`` all read ``Z``: for row-local patterns with ``independent`` scoring on CUDA they are
+one Triton kernel that never stores ``Z`` (:func:`~sparsekit.kernels.obs_update.z_update_`; 1.26–2.6× the
+reference per update, timed; no faster at ``q = 512``, hence the split). Elsewhere (the CPU, rowpair-16,
+``joint``) its torch reference runs.
 
 **Scaling (DESIGN.md §5).** The work runs in the scale-free coordinates ``w̃ = w D``, ``H̃ = D⁻¹ (H + Λ) D⁻¹``
 with ``D = sqrt(diag(H + Λ))`` (so ``C̃ = D C D``, unit-diagonal ``H̃``). OBS costs and updates are
@@ -61,6 +62,14 @@ choice is measured within 0.5% of the same algorithm in float64 (BENCHMARKS.md).
 rowpair-16). The memory planner (:mod:`sparsekit.memory`) sizes the chunks from :func:`chunk_bytes` and the
 budget (``max_memory``, else what the device can give): ``None`` takes the largest chunk that fits, an int at
 most that many rows. On a CUDA out-of-memory error a chunk is retried at half the rows.
+
+**Host syncs.** A row-local step reads nothing back from the device, so on CUDA the host queues the next steps'
+small kernels while the GPU runs a step's GEMM: the selection, the pruned sets and the compaction use
+static-size sorts instead of boolean masks, and the factorisations of ``C_PP`` are not checked step by step. A
+chunk runs unchecked and one flag is read at its end; if some ``C_PP`` was not positive definite there (16-bit
+rounding of ``U``), the chunk runs again checked (:func:`_run_chunk`), as do the layer's later chunks: a failed
+``C_PP`` gets a growing diagonal jitter, counted in ``stats["jitter_steps"]`` and logged, and an error past the
+bound. The result is always the checked algorithm's.
 """
 
 from __future__ import annotations
@@ -77,7 +86,7 @@ from torch import Tensor
 
 from sparsekit.errors import InputError, PatternError
 from sparsekit.hessian import DEFAULT_DAMP, scaled_inverse
-from sparsekit.kernels.obs_linalg import LOW_PRECISION, UPCAST_SLICE_BYTES, baddbmm_, bmm, tf32
+from sparsekit.kernels.obs_linalg import LOW_PRECISION, UPCAST_SLICE_BYTES, baddbmm_, bmm, chol_inv_factor, tf32
 from sparsekit.kernels.obs_update import (FUSED_MAX_Q, gather_c0, gather_rows, move_rows_, z_update_,
                                           z_update_reference_)
 from sparsekit.memory import Budget, device_budget, plan_rows, require, run_chunked
@@ -123,6 +132,8 @@ class _Geometry:
     rows: Tensor  # (Sc, B, e) row (within the chunk) of every element of every scope
     cols: Tensor  # (Sc, B, e) column
     groups: Tensor  # (G, Sg) scope ids of each row group (a row, or a row pair), in column order
+    group_rows: Tensor  # (G, Sg, B, e) rows[groups]: the elements of each group's scopes, in that order
+    group_cols: Tensor  # (G, Sg, B, e) cols[groups]
     row_local: bool  # every scope in one row (groups are rows, in row order)
     num_prune: int  # blocks pruned per scope
 
@@ -155,7 +166,7 @@ def _geometry(layout: Layout, R: int, device: torch.device) -> _Geometry:
         raise PatternError(f"pattern {layout.pattern.name!r}: row groups hold different numbers of scopes.")
     groups = order.view(len(counts), int(counts[0]))
     row_local = bool((flat_r == flat_r[:, :1]).all()) and len(counts) == R
-    return _Geometry(rows, cols, groups, row_local, layout.num_prune)
+    return _Geometry(rows, cols, groups, rows[groups], cols[groups], row_local, layout.num_prune)
 
 
 # ---- one chunk ----------------------------------------------------------------------------------------------
@@ -165,6 +176,11 @@ class TrueOBSChunk:
     All quantities are in the scaled coordinates (module docstring). :meth:`step` runs one step (pick ``ng``
     scopes per row group, choose masks, update and downdate); :meth:`inverse` materialises each row's ``C``
     (for tests).
+
+    ``checked``: every ``C_PP`` factorisation is checked at once and retried with a growing jitter
+    (:func:`~sparsekit.pruners._common.factor_with_jitter`), a host sync per step. Unchecked, a row-local step never
+    waits for the device; a failed factorisation only sets :attr:`indefinite` (a device flag), and the caller
+    must then discard the chunk and run it again checked (:func:`_run_chunk`).
     """
 
     def __init__(
@@ -174,6 +190,7 @@ class TrueOBSChunk:
         geom: _Geometry,
         scoring: str = "independent",
         c_dtype: torch.dtype | None = None,
+        checked: bool = True,
     ) -> None:
         R, K = w.shape
         self.w = w  # (R, K) scaled weights, float32/float64, in position order (below)
@@ -208,6 +225,8 @@ class TrueOBSChunk:
         self.left = Sg  # undecided scopes per group (equal in every group)
         self.steps = 0
         self.jitter_steps = 0
+        self.checked = checked
+        self.indefinite = torch.zeros((), dtype=torch.bool, device=w.device)  # unchecked: some C_PP failed
         if scoring == "independent":
             self.diag = C0.diagonal().expand(R, K).clone()  # (R, K) diag of each row's C, in position order
         else:
@@ -223,48 +242,57 @@ class TrueOBSChunk:
             self.same_row = fr.unsqueeze(2) == fr.unsqueeze(1)  # (Sc, n, n)
 
     # -- scoring --------------------------------------------------------------------------------------------
-    def choose(self, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """Cheapest choice of the scopes ``ids (G, n)``: ``(cost (G, n), keep (G, n, B) bool)``."""
+    def choose(self, at: slice) -> tuple[Tensor, Tensor]:
+        """Cheapest choice of the scopes at positions ``at`` of every group: ``(cost (G, n), keep (G, n, B) bool)``.
+        Decided scopes may be among them (their cost is meaningless: the caller masks it)."""
         g = self.geom
-        r, c = g.rows[ids], g.cols[ids]  # (G, n, B, e)
-        p = self.pos[r, c]  # undecided scopes: every element is a remaining column
+        r, c = g.group_rows[:, at], g.group_cols[:, at]  # (G, n, B, e)
+        p = self.pos[r, c]  # every element of an undecided scope is a remaining column
         wv = self.w[r, p]
         if self.scoring == "independent":
             return independent_choice(wv, self.diag[r, p], g.num_prune)
-        return best_subset(wv.flatten(-2), self.blocks[ids], g.blocks, g.num_prune, g.elems)
+        return best_subset(wv.flatten(-2), self.blocks[g.groups[:, at]], g.blocks, g.num_prune, g.elems)
 
-    def select(self, ng: int, order: str) -> tuple[Tensor, Tensor, Tensor]:
-        """The step's scopes and masks: ``(pos (G, k) positions in groups, ids (G, k), keep (G, k, B))``."""
+    def select(self, ng: int, order: str) -> tuple[Tensor, Tensor]:
+        """The step's scopes and masks: ``(pos (G, k) positions in groups, keep (G, k, B))``."""
         G, Sg = self.geom.groups.shape
         k = min(ng, self.left)
         if order == "left_to_right":
             done = Sg - self.left
-            pos = torch.arange(done, done + k, device=self.w.device).expand(G, k)
-            ids = self.geom.groups[:, done : done + k]
-            _, keep = self.choose(ids)
-            return pos, ids, keep
-        # the undecided positions in order (a stable sort, not a boolean mask: no host sync)
-        pos_rem = torch.argsort((~self.remaining).to(torch.uint8), dim=1, stable=True)[:, : self.left]
-        ids_rem = self.geom.groups.gather(1, pos_rem)
-        cost, keep = self.choose(ids_rem)  # (G, left), (G, left, B)
-        top = cost.topk(k, dim=1).indices  # (G, k) the most expensive first
-        keep = keep.gather(1, top.unsqueeze(-1).expand(-1, -1, keep.shape[-1]))
-        return pos_rem.gather(1, top), ids_rem.gather(1, top), keep
+            _, keep = self.choose(slice(done, done + k))
+            return torch.arange(done, done + k, device=self.w.device).expand(G, k), keep
+        # every scope is scored and the decided ones masked: contiguous reads, no gather of the undecided ones
+        cost, keep = self.choose(slice(None))  # (G, Sg), (G, Sg, B)
+        top = cost.masked_fill_(~self.remaining, -math.inf).topk(k, dim=1).indices  # (G, k) most expensive first
+        return top, keep.gather(1, top.unsqueeze(-1).expand(-1, -1, keep.shape[-1]))
 
     # -- the OBS update -------------------------------------------------------------------------------------
-    def _pruned_sets(self, ids: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    def _pruned_sets(self, pos: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Elements pruned by the step: ``(el_rows, el_cols, P (R, q), valid (R, q) or None)``."""
         g = self.geom
         G, k, B = keep.shape
         # the num_prune dropped blocks of each scope in block order (a stable sort, not a boolean mask: no host sync)
         drop = torch.argsort(keep.to(torch.uint8), dim=2, stable=True)[..., : g.num_prune]  # (G, k, p)
         drop = drop.unsqueeze(-1).expand(G, k, g.num_prune, g.elems)
-        er = g.rows[ids].gather(2, drop).flatten()  # (N,) rows; row-local: grouped by row, in row order
-        ec = g.cols[ids].gather(2, drop).flatten()
+        at = pos.view(G, k, 1, 1).expand(G, k, B, g.elems)
+        er = g.group_rows.gather(1, at).gather(2, drop).flatten()  # (N,) rows; row-local: grouped by row, in order
+        ec = g.group_cols.gather(1, at).gather(2, drop).flatten()
         return (er, ec, *per_row_sets(er, ec, self.w.shape[0], g.row_local))
 
     def update(self, P: Tensor, valid: Tensor | None) -> None:
-        """Prune ``P (R, q)`` (column indices per row; ``valid`` marks real entries) by (2.1) and (2.2).
+        """Prune ``P (R, q)`` (column indices per row; ``valid`` marks real entries) by (2.1) and (2.2), at most
+        :data:`~sparsekit.kernels.obs_update.FUSED_MAX_Q` columns at a time (each row's real columns come first).
+
+        Pruning ``P₁`` and then ``P₂`` with the updated ``w`` and ``C`` is pruning ``P₁ ∪ P₂`` at once: the loss's
+        minimiser under ``w_j = 0`` constraints does not depend on the order they are imposed, and a Schur
+        complement of a Schur complement is the Schur complement (the quotient property). The split costs
+        ``2·q₁·q₂·n`` more GEMM FLOPs per row and keeps every update within the fused kernel's sizes."""
+        for i in range(0, P.shape[1], FUSED_MAX_Q):
+            j = slice(i, i + FUSED_MAX_Q)
+            self._update(P[:, j], None if valid is None else valid[:, j])
+
+    def _update(self, P: Tensor, valid: Tensor | None) -> None:
+        """:meth:`update` of at most ``FUSED_MAX_Q`` columns.
 
         Everything runs over the first ``n`` positions (module docstring, "Compaction"): every remaining column
         of every row is there; so are the columns pruned since the last compaction and, for rows that prune
@@ -294,7 +322,7 @@ class TrueOBSChunk:
         a = bmm(X, wP.unsqueeze(2)).squeeze(2)  # (R, q) L⁻¹ w_Pᵀ
         independent = self.scoring == "independent"
         w, U, diag = self.w[:, :n], self.U[:, :n], self.diag[:, :n] if independent else None
-        if valid is None and independent and q <= FUSED_MAX_Q:  # (2.1), (2.2) into U, diag; Z never stored
+        if valid is None and independent:  # (2.1), (2.2) into U, diag; Z never stored
             z_update_(Gt, X, a, U, self.t, w, diag)
             self.t += q
         else:  # Z (R, n, q) = C_{:,P} L⁻ᵀ; (2.1); (2.2) C ← C − Z Zᵀ into U (row-local) and the diagonal
@@ -353,6 +381,12 @@ class TrueOBSChunk:
         self.pos[r, cs], self.pos[r, cd] = d, s
 
     def _factor(self, Cpp: Tensor) -> Tensor:
+        """``L⁻¹`` of ``Cpp (R, q, q) = L Lᵀ``."""
+        if not self.checked:
+            X, info = chol_inv_factor(Cpp)
+            self.indefinite |= (info > 0).any()
+            return X
+
         def retry(n_bad: int, jitter: float) -> None:
             self.jitter_steps += 1
             log.warning("C_PP not positive definite in %d rows (rounding of c_dtype=%s); adding %.0e·mean diag.",
@@ -364,8 +398,8 @@ class TrueOBSChunk:
 
     def step(self, ng: int, order: str) -> None:
         """One True OBS step: pick ``ng`` scopes per row group, choose their masks, prune their union."""
-        pos, ids, keep = self.select(ng, order)
-        er, ec, P, valid = self._pruned_sets(ids, keep)
+        pos, keep = self.select(ng, order)
+        er, ec, P, valid = self._pruned_sets(pos, keep)
         self.remaining.scatter_(1, pos, False)
         self.left -= pos.shape[1]
         self.update(P, valid)
@@ -390,7 +424,7 @@ class TrueOBSChunk:
 def chunk_bytes(layout: Layout, ng: int, c_dtype: torch.dtype, work: torch.dtype) -> tuple[int, int]:
     """``(per_row, fixed)`` bytes of a chunk of :class:`TrueOBSChunk` rows (for :func:`sparsekit.memory.plan_rows`).
 
-    Per row (``q`` = columns pruned per step, ``t`` = ``U``'s width, ``c``/``s`` bytes of ``c_dtype``/work):
+    Per row (``q`` = columns per update, at most ``FUSED_MAX_Q``; ``t`` = ``U``'s width, ``c``/``s`` bytes of ``c_dtype``/work):
     ``U`` ``K·t·c``; the gather ``U_P`` ``q·t·c``; ``C_{P,:}``, the rows of ``C0`` it is gathered from (CPU),
     ``Z``, its ``c_dtype`` copy and the product ``5·K·q·s``; ``C_PP``, its factor and work ``4·q²·s``; weights,
     diagonal, copies ``4·K·s``; the int64 row/column indices of the chunk's geometry and of the scoring gathers, the
@@ -403,7 +437,7 @@ def chunk_bytes(layout: Layout, ng: int, c_dtype: torch.dtype, work: torch.dtype
     e, p = layout.block_numel, layout.num_prune
     t_max = min(K, Sg * p * e)
     width = -(-(t_max + 1) // 16) * 16
-    q = min(K, ng * p * e)
+    q = min(K, ng * p * e, FUSED_MAX_Q)  # columns per update (TrueOBSChunk.update)
     c, s = c_dtype.itemsize, work.itemsize
     per_row = K * width * c + q * width * c + 5 * K * q * s + 4 * q * q * s + 4 * K * s + 8 * K * 8 + 4 * K
     upcast = max(UPCAST_SLICE_BYTES, (q + K) * width * s) if c_dtype != work else 0
@@ -426,15 +460,27 @@ def _chunk_rows(layout: Layout, chunk_size: int | None, ng: int, c_dtype: torch.
 
 
 def _run_chunk(W: Tensor, pruned: Tensor, r0: int, r1: int, C0: Tensor, geom: _Geometry, ng: int, order: str,
-               scoring: str, c_dtype: torch.dtype) -> tuple[int, int]:
+               scoring: str, c_dtype: torch.dtype, checked: bool) -> tuple[int, int, bool]:
     """True OBS on rows ``[r0, r1)`` of ``W``; writes ``W`` and ``pruned`` there only once the chunk is done.
-    Returns ``(steps, jitter_steps)``."""
-    chunk = TrueOBSChunk(W[r0:r1].clone(), C0, geom, scoring, c_dtype)
-    while chunk.left:
-        chunk.step(ng, order)
+
+    Unless ``checked``, the chunk first runs unchecked (no host sync per step, so on CUDA the host queues the
+    small kernels of the next steps while the GPU runs a step's GEMM); if a ``C_PP`` was not positive definite
+    there, that run is discarded and the chunk runs again checked, with the jitter retries. The result is the
+    checked run's either way. Returns ``(steps, jitter_steps, checked)``, ``checked`` True if the chunk needed it.
+    """
+    while True:
+        chunk = TrueOBSChunk(W[r0:r1].clone(), C0, geom, scoring, c_dtype, checked)
+        while chunk.left:
+            chunk.step(ng, order)
+        if checked or not bool(chunk.indefinite):
+            break
+        log.info("true-obs rows [%d, %d): C_PP not positive definite in an unchecked step; re-running checked.",
+                 r0, r1)
+        del chunk
+        checked = True
     W[r0:r1] = chunk.weights()
     pruned[r0:r1] = chunk.pruned
-    return chunk.steps, chunk.jitter_steps
+    return chunk.steps, chunk.jitter_steps, checked
 
 
 def prune_true_obs(
@@ -477,7 +523,8 @@ def prune_true_obs(
     inv = scaled_inverse(hessian, damp, damp_mode)
     pruned = torch.zeros(M, K, dtype=torch.bool, device=weight.device)
     stats: dict[str, Any] = {"damp_steps": inv.steps, "ng": ng, "order": order, "scoring": scoring,
-                             "c_dtype": str(c).replace("torch.", ""), "steps": 0, "jitter_steps": 0}
+                             "c_dtype": str(c).replace("torch.", ""), "steps": 0, "jitter_steps": 0,
+                             "checked_chunks": 0}
     if layout.num_prune == 0:  # nothing to prune: the weight as it is (no round trip through the scaling)
         return PrunerOutput(weight, ~pruned, inv.damp, stats)
     W = weight.mul_(inv.d)  # (M, K) scaled weights, in place on the private copy
@@ -489,9 +536,11 @@ def prune_true_obs(
     def step(r0: int, r1: int) -> None:
         if r1 - r0 not in geoms:
             geoms[r1 - r0] = _geometry(layout, r1 - r0, weight.device)
-        steps, jitter = _run_chunk(W, pruned, r0, r1, inv.C, geoms[r1 - r0], ng, order, scoring, c)
+        steps, jitter, checked = _run_chunk(W, pruned, r0, r1, inv.C, geoms[r1 - r0], ng, order, scoring, c,
+                                            stats["checked_chunks"] > 0)
         stats["steps"] += steps
         stats["jitter_steps"] += jitter
+        stats["checked_chunks"] += checked
         if progress_fn is not None:
             el = time.perf_counter() - t0
             progress_fn(f"true-obs: rows {r1}/{M}, {el:.1f}s elapsed, ETA {el / r1 * (M - r1):.1f}s")
