@@ -77,16 +77,18 @@ def test_device_budget_cpu():
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    """A simulated 80 GiB device: 10 GiB allocated by this process, 14 GiB reserved, 50 GiB free on the device."""
+    """A simulated 80 GiB device: 10 GiB allocated by this process, 14 GiB reserved (``pinned`` of it unused but
+    inside segments live tensors hold), 50 GiB free on the device."""
     import types
 
-    state = {"fraction": 1.0}
+    state = {"fraction": 1.0, "pinned": 0}
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=80 * GIB))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i=None: 10 * GIB)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i=None: 14 * GIB)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=None: (50 * GIB, 80 * GIB))
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda i=None: state["fraction"])
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda i=None: {"inactive_split_bytes.all.current": state["pinned"]})
     return state
 
 
@@ -101,6 +103,8 @@ def test_device_budget_cuda_counts_the_cache_the_cap_and_max_memory(fake_cuda):
     assert b.limit == 2 * GIB and "max_memory" in b.source
     b = device_budget("cuda:0", "8GiB")  # already past it: nothing left
     assert b.limit == 0 and b.bytes == 0
+    fake_cuda["fraction"], fake_cuda["pinned"] = 1.0, 3 * GIB  # 3 of the 4 cached GiB are pinned fragments
+    assert device_budget("cuda:0").limit == 51 * GIB
 
 
 # ---- run_chunked ---------------------------------------------------------------------------------------------
@@ -357,3 +361,34 @@ def test_gpu_true_obs_peak_within_the_estimate(pattern, ng):
     assert res.stats["chunk_size"] == R
     assert used <= estimate
     assert used >= 0.4 * (fixed + R * per_row)
+
+
+@pytest.mark.gpu
+def test_gpu_budget_leaves_out_pinned_fragments():
+    """A large block freed and then split by a small live tensor is unused cache (reserved − allocated) that one
+    large tensor cannot use: the budget leaves it out."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.empty_cache()
+    before = device_budget(dev).limit
+    big = torch.empty(2 * GIB, dtype=torch.uint8, device=dev)
+    del big
+    small = torch.empty(64 * 2**20, dtype=torch.uint8, device=dev)  # best fit: the freed 2 GiB block, split
+    assert torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev) > GIB  # the fragment is cached
+    assert device_budget(dev).limit < before - GIB
+    del small
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+def test_gpu_chunked_method_returns_its_cache():
+    """After a chunked method the allocator holds none of its chunks' blocks (so later small tensors cannot pin
+    them): what stays cached is under half of one chunk's planned bytes."""
+    from sparsekit.patterns import get_pattern
+    from sparsekit.pruners.true_obs import chunk_bytes
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    W, H = _gpu_layer(256, 2048, dev, seed=4)
+    res = prune_weight(W, H, "2:4", "true-obs", ng=16, order="largest_first")
+    per_row, _ = chunk_bytes(get_pattern("2:4").resolve(256, 2048, device=dev), 16, torch.float16, torch.float32)
+    cached = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+    assert cached < per_row * res.stats["chunk_size"] / 2
