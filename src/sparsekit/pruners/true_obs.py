@@ -87,6 +87,7 @@ from torch import Tensor
 from sparsekit.errors import InputError, PatternError
 from sparsekit.hessian import DEFAULT_DAMP, scaled_inverse
 from sparsekit.kernels.obs_linalg import LOW_PRECISION, UPCAST_SLICE_BYTES, baddbmm_, bmm, chol_inv_factor, tf32
+from sparsekit.kernels import obs_update
 from sparsekit.kernels.obs_update import (FUSED_MAX_Q, gather_c0, gather_rows, move_rows_, z_update_,
                                           z_update_reference_)
 from sparsekit.memory import Budget, device_budget, plan_rows, require, run_chunked
@@ -421,25 +422,31 @@ class TrueOBSChunk:
 
 
 # ---- driver -------------------------------------------------------------------------------------------------
-def chunk_bytes(layout: Layout, ng: int, c_dtype: torch.dtype, work: torch.dtype) -> tuple[int, int]:
+def chunk_bytes(layout: Layout, ng: int, c_dtype: torch.dtype, work: torch.dtype,
+                scoring: str = "independent") -> tuple[int, int]:
     """``(per_row, fixed)`` bytes of a chunk of :class:`TrueOBSChunk` rows (for :func:`sparsekit.memory.plan_rows`).
 
-    Per row (``q`` = columns per update, at most ``FUSED_MAX_Q``; ``t`` = ``U``'s width, ``c``/``s`` bytes of ``c_dtype``/work):
-    ``U`` ``K·t·c``; the gather ``U_P`` ``q·t·c``; ``C_{P,:}``, the rows of ``C0`` it is gathered from (CPU),
-    ``Z``, its ``c_dtype`` copy and the product ``5·K·q·s``; ``C_PP``, its factor and work ``4·q²·s``; weights,
-    diagonal, copies ``4·K·s``; the int64 row/column indices of the chunk's geometry and of the scoring gathers, the
-    per-row ``perm`` and ``pos`` (``8·K·8``) and the masks. Fixed: ``C0`` (``K²·s``),
-    the pruned mask (``M·K``) and, when ``U`` is stored in another dtype, the upcast operands of the reference GEMM
+    Per row (``q`` = columns per update, at most ``FUSED_MAX_Q``; ``t`` = ``U``'s width, ``c``/``s`` bytes of
+    ``c_dtype``/work): ``U`` ``K·t·c``; the gather ``U_P`` ``q·t·c``; ``C_{P,:}``, the rows of ``C0`` it is gathered
+    from (CPU), ``Z``, its ``c_dtype`` copy and the product ``5·K·q·s`` (``2·K·q·s`` where the fused update runs:
+    ``C_{P,:}`` only, ``Z`` is never stored); ``C_PP``, its factor and work ``4·q²·s``; weights, diagonal, copies
+    ``4·K·s``; the int64 row/column indices of the chunk's geometry and of the scoring gathers, the per-row
+    ``perm`` and ``pos`` (``8·K·8``) and the masks. Fixed: ``C0`` (``K²·s``), the pruned mask (``M·K``) and, when
+    ``U`` is stored in another dtype, the upcast operands of the reference GEMM
     (:func:`~sparsekit.kernels.obs_linalg.baddbmm_`: one row on the CPU, a slice on CUDA without a fast path).
     """
     M, K = layout.num_rows, layout.num_cols
-    Sg = _geometry(layout, layout.chunk_rows, layout.device).groups.shape[1]  # scopes per row group
+    geom = _geometry(layout, layout.chunk_rows, layout.device)
+    Sg = geom.groups.shape[1]  # scopes per row group
     e, p = layout.block_numel, layout.num_prune
     t_max = min(K, Sg * p * e)
     width = -(-(t_max + 1) // 16) * 16
     q = min(K, ng * p * e, FUSED_MAX_Q)  # columns per update (TrueOBSChunk.update)
     c, s = c_dtype.itemsize, work.itemsize
-    per_row = K * width * c + q * width * c + 5 * K * q * s + 4 * q * q * s + 4 * K * s + 8 * K * 8 + 4 * K
+    fused = (scoring == "independent" and geom.row_local
+             and obs_update.available(torch.empty(0, dtype=work, device=layout.device)))
+    work_q = (2 if fused else 5) * K * q * s
+    per_row = K * width * c + q * width * c + work_q + 4 * q * q * s + 4 * K * s + 8 * K * 8 + 4 * K
     upcast = max(UPCAST_SLICE_BYTES, (q + K) * width * s) if c_dtype != work else 0
     fixed = K * K * s + M * K + upcast
     return per_row, fixed
@@ -451,11 +458,11 @@ def _inverse_bytes(K: int, work: torch.dtype) -> int:
 
 
 def _chunk_rows(layout: Layout, chunk_size: int | None, ng: int, c_dtype: torch.dtype, work: torch.dtype,
-                budget: Budget) -> int:
+                scoring: str, budget: Budget) -> int:
     """Rows per chunk: the planner's, at most ``chunk_size`` rounded up to the pattern's row chunk."""
     M, cr = layout.num_rows, layout.chunk_rows
     cap = M if chunk_size is None else min(M, -(-chunk_size // cr) * cr)
-    per_row, fixed = chunk_bytes(layout, ng, c_dtype, work)
+    per_row, fixed = chunk_bytes(layout, ng, c_dtype, work, scoring)
     return plan_rows(cap, per_row, fixed, budget, multiple=cr, what="true-obs chunk")
 
 
@@ -519,7 +526,7 @@ def prune_true_obs(
     c = c_dtype or (torch.float16 if weight.is_cuda and work == torch.float32 else work)
     budget = device_budget(weight.device, max_memory)
     require(_inverse_bytes(K, work), budget, "true-obs inverse")
-    R = _chunk_rows(layout, chunk_size, ng, c, work, budget) if layout.num_prune else M
+    R = _chunk_rows(layout, chunk_size, ng, c, work, scoring, budget) if layout.num_prune else M
     inv = scaled_inverse(hessian, damp, damp_mode)
     pruned = torch.zeros(M, K, dtype=torch.bool, device=weight.device)
     stats: dict[str, Any] = {"damp_steps": inv.steps, "ng": ng, "order": order, "scoring": scoring,
