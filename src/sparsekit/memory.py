@@ -18,9 +18,8 @@ fragmentation margin (:data:`FRAGMENTATION_MARGIN` of it).
 - CUDA: the per-process cap ``torch.cuda.get_per_process_memory_fraction · total`` (the fraction set by
   ``torch.cuda.set_per_process_memory_fraction``), an explicit ``max_memory`` (also a cap on the process's
   allocated bytes on the device), and what the device really has (``mem_get_info``'s free memory plus what the
-  caching allocator holds unused), each minus what the process has
-  allocated already. Unused cache inside segments that live tensors still pin is not counted: one large
-  tensor cannot use it.
+  caching allocator holds unused), each minus what the process has allocated already. Unused cache inside
+  segments that live tensors still pin is not counted: one large tensor cannot use it.
 - CPU: ``max_memory`` if given (the bytes the call may allocate), else the available RAM.
 """
 

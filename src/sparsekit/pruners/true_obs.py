@@ -37,7 +37,7 @@ still in it reach ``K /`` :data:`COMPACT_EVERY` (so ``n`` is at most 3% above ``
 ``U`` per row as there are such columns, never all of ``U`` (:meth:`TrueOBSChunk._compact`).
 
 Memory per row: ``K · t_max`` entries of ``c_dtype`` (``t_max`` = the row's pruned columns: ``K/2`` at 2:4, at
-most ``K`` for rowpair-16) plus ``3 · K · min(q, 256)`` float32 work entries: O(chunk_size · K²).
+most ``K`` for rowpair-16) plus ``2–5 · K · min(q, 256)`` float32 work entries (:func:`chunk_bytes`): O(chunk_size · K²).
 A step's ``q`` columns are pruned at most :data:`~sparsekit.kernels.obs_update.FUSED_MAX_Q` = 256 at a time
 (:meth:`TrueOBSChunk.update`: the same result in exact arithmetic). Per update, ``δw = −Z a`` (2.1), ``U``'s next columns and
 the diagonal downdate of ``C`` all read ``Z``: for row-local patterns with ``independent`` scoring on CUDA they are
