@@ -39,6 +39,7 @@ import resource
 import subprocess
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 from typing import Any
 
@@ -181,6 +182,7 @@ def run_case(case: dict[str, Any], path: str) -> None:
     except Exception as exc:  # recorded, not raised: the table shows what failed and why
         rec["status"] = type(exc).__name__
         rec["error"] = str(exc).splitlines()[0][:400] if str(exc) else ""
+        rec["traceback"] = traceback.format_exc()[-4000:]
     rec["run_s"] = time.perf_counter() - t1
     save()
 
@@ -210,6 +212,7 @@ def run_layer_case(case: dict[str, Any], rec: dict[str, Any], save: Any) -> None
     except Exception as exc:  # recorded, not raised
         rec["status"] = type(exc).__name__
         rec["error"] = str(exc).splitlines()[0][:400] if str(exc) else ""
+        rec["traceback"] = traceback.format_exc()[-4000:]
     save()
 
 

@@ -67,3 +67,44 @@ def test_escalation_bound_raises_typed_error():
     H = -torch.eye(4, dtype=torch.float64)  # negative definite
     with pytest.raises(HessianError, match="not positive definite"):
         damped_inverse(H, 0.01, max_steps=2)
+
+
+def test_accumulator_slices_large_batches_with_the_same_sum(monkeypatch):
+    """A batch whose converted copy exceeds SLICE_BYTES is added slice by slice: the same Σ x xᵀ (float64: equal to
+    rounding), the same token count; a NaN in its last slice raises with the sum untouched."""
+    import sparsekit.hessian as hess
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 37, 24, generator=g)  # 148 tokens
+    whole = hess.HessianAccumulator(24, dtype=torch.float64)
+    whole.add(x)
+    monkeypatch.setattr(hess, "SLICE_BYTES", 24 * 8 * 10)  # 10 rows per slice: 15 slices
+    sliced = hess.HessianAccumulator(24, dtype=torch.float64)
+    sliced.add(x)
+    assert sliced.num_tokens == whole.num_tokens == 148
+    assert torch.allclose(sliced._sum, whole._sum, rtol=1e-13, atol=1e-12)
+    assert torch.allclose(sliced._sum, (x.reshape(-1, 24).double().T @ x.reshape(-1, 24).double()), rtol=1e-13,
+                          atol=1e-12)
+    before = sliced._sum.clone()
+    bad = x.clone()
+    bad[-1, -1, 0] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        sliced.add(bad)
+    assert torch.equal(sliced._sum, before) and sliced.num_tokens == 148
+
+
+def test_relative_error_in_slices_equals_the_whole_product(monkeypatch):
+    """Above SLICE_BYTES the metric sums over row slices of W and column blocks of H: the same value to float64
+    rounding as the one-product path, on a problem whose slices do not divide the shape."""
+    import sparsekit.metrics as metrics
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(23, 40, generator=g)
+    X = torch.randn(300, 40, generator=g)
+    H = X.double().T @ X.double() / 300  # float64: the oracle below is exact
+    pruned = W * (torch.rand(23, 40, generator=g) > 0.5)
+    whole = metrics.relative_error(W, pruned, H)
+    monkeypatch.setattr(metrics, "SLICE_BYTES", 8 * 40 * 7)  # 7 rows / columns per slice
+    sliced = metrics.relative_error(W, pruned, H)
+    assert sliced == pytest.approx(whole, rel=1e-13)
+    assert sliced == pytest.approx(relative_error_x(W, pruned, X), rel=1e-10)

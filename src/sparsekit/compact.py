@@ -96,10 +96,16 @@ def check_packed_24(values: Tensor, meta: Tensor, out_features: int, in_features
 class Sparse24Linear(nn.Module):
     """``y = x Wᵀ + b`` with a compact 2:4 ``W (out, in)``: buffers ``weight_values`` and ``weight_meta``.
 
-    Forward: on CUDA with a 16-bit dtype, the Triton kernel for ≤ 16 tokens and the :attr:`prefill` mode beyond
+    Forward: on CUDA with a 16-bit dtype, for ≤ 16 tokens the sparse tensor cores
+    (:mod:`sparsekit.kernels.sparse24_mma`, when ``out % 16 == 0``, ``in % 256 == 0`` and compute capability
+    ≥ 8.0; else the Triton kernels of :mod:`sparsekit.kernels.sparse24`), and the :attr:`prefill` mode beyond
     (``"rebuild"``: dense weight rebuilt then cuBLAS; ``"kernel"``: the compact kernel with GEMM tiles;
     ``"dense"``: a cached dense weight — chosen by :func:`tune_prefill_`). Elsewhere the reference: unpack to
     dense and ``F.linear``, bit-identical to the dense-with-zeros ``nn.Linear``.
+
+    The first sparse-tensor-core forward permutes the two buffers in place into the kernel's fragment order
+    (:attr:`layout` ``"mma"``: same shapes, same bytes, no second copy); :meth:`compact` gives them back in the
+    compact order, and the state dict (hence :func:`save_compact`) is always in the compact order.
     """
 
     PREFILL_MODES = ("rebuild", "kernel", "dense")
@@ -115,6 +121,7 @@ class Sparse24Linear(nn.Module):
         )
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self.prefill = "rebuild"
+        self.layout = "compact"  # or "mma": the buffers in sparse24_mma's fragment order
         self._dense_cache: Tensor | None = None
 
     @classmethod
@@ -129,9 +136,41 @@ class Sparse24Linear(nn.Module):
             mod.bias.data.copy_(linear.bias.detach())
         return mod
 
+    def compact(self) -> tuple[Tensor, Tensor]:
+        """``(values (out, in/2), meta (out, in/8) uint8)`` in the compact order (a permuted copy when
+        :attr:`layout` is ``"mma"``)."""
+        if self.layout == "compact":
+            return self.weight_values, self.weight_meta
+        from sparsekit.kernels.sparse24_mma import mma_unlayout
+
+        return mma_unlayout(*self._fragments())
+
+    def _fragments(self) -> tuple[Tensor, Tensor]:
+        """The buffers seen in fragment order: ``(M/16, K/256, 8, 32, 8)`` values, ``(M/16, K/256, 32, 4)`` int32."""
+        MT, KC = self.out_features // 16, self.in_features // 256
+        return (self.weight_values.view(MT, KC, 8, 32, 8),
+                self.weight_meta.view(MT, KC, 32, 16).view(torch.int32))
+
+    def _to_mma_layout_(self) -> None:
+        from sparsekit.kernels.sparse24_mma import mma_layout
+
+        fv, fm = mma_layout(self.weight_values, self.weight_meta)
+        self.weight_values.copy_(fv.reshape(self.weight_values.shape))
+        self.weight_meta.copy_(fm.view(torch.uint8).reshape(self.weight_meta.shape))
+        self.layout = "mma"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout == "mma":
+            destination[prefix + "weight_values"], destination[prefix + "weight_meta"] = self.compact()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.layout = "compact"  # the state dict is in the compact order
+
     def dense_weight(self) -> Tensor:
         """The dense ``W (out, in)`` with zeros."""
-        return unpack_24(self.weight_values, self.weight_meta)
+        return unpack_24(*self.compact())
 
     def set_prefill(self, mode: str) -> None:
         """Select the prefill path (one of :attr:`PREFILL_MODES`); ``"dense"`` caches the dense weight."""
@@ -144,13 +183,21 @@ class Sparse24Linear(nn.Module):
         if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.dtype == self.weight_values.dtype:
             from sparsekit.kernels import sparse24
 
+            from sparsekit.kernels import sparse24_mma
+
             x2 = x.reshape(-1, self.in_features)  # (N, K)
-            if x2.shape[0] <= sparse24.MAX_DECODE_TOKENS or self.prefill == "kernel":
-                y = sparse24.sparse24_linear(x2, self.weight_values, self.weight_meta, self.bias)
+            N = x2.shape[0]
+            if N <= sparse24.MAX_DECODE_TOKENS and sparse24_mma.supports(self.out_features, self.in_features,
+                                                                          x.dtype, x.device):
+                if self.layout != "mma":
+                    self._to_mma_layout_()
+                y = sparse24_mma.sparse24_mma(x2, *self._fragments(), self.bias)
+            elif N <= sparse24.MAX_DECODE_TOKENS or self.prefill == "kernel":
+                y = sparse24.sparse24_linear(x2, *self.compact(), self.bias)
             elif self.prefill == "dense" and self._dense_cache is not None:
                 y = F.linear(x2, self._dense_cache, self.bias)
             else:
-                y = F.linear(x2, sparse24.unpack(self.weight_values, self.weight_meta), self.bias)
+                y = F.linear(x2, sparse24.unpack(*self.compact()), self.bias)
             return y.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.dense_weight(), self.bias)
 
@@ -222,7 +269,7 @@ def save_compact(model: nn.Module, out_dir: str | os.PathLike) -> dict[str, Any]
     packed = {n: pack_24(model.get_submodule(n).weight) for n in _compactable(model)}
     for n, m in model.named_modules():
         if isinstance(m, Sparse24Linear):
-            packed[n] = (m.weight_values, m.weight_meta)
+            packed[n] = m.compact()
     for n, (values, meta) in sorted(packed.items()):
         M, K = values.shape[0], 2 * values.shape[1]
         state.pop(f"{n}.weight", None)
@@ -397,16 +444,26 @@ def tune_decode_(model: nn.Module, tokens: tuple[int, ...] = (1, 2, 4, 8, 16)) -
     """Autotune the decode kernel (every config checked against the reference, the fastest kept) for each
     distinct ``Sparse24Linear`` shape of ``model`` (on CUDA) and token count (a count serves its power-of-2
     bucket: 4 serves 3 and 4); call before capturing CUDA graphs.
+    Modules that run on the sparse tensor cores (:func:`sparsekit.kernels.sparse24_mma.supports`) are put in
+    the kernel's fragment order and their tile is tuned (:func:`sparsekit.kernels.sparse24_mma.tune`).
     Returns ``{"MxK n=T": config}``."""
-    from sparsekit.kernels import sparse24
+    from sparsekit.kernels import sparse24, sparse24_mma
 
     done: dict[str, str] = {}
     for m in model.modules():
         if isinstance(m, Sparse24Linear):
+            mma = sparse24_mma.supports(m.out_features, m.in_features, m.weight_values.dtype, m.weight_values.device)
+            if mma and m.layout != "mma":
+                m._to_mma_layout_()
             for t in tokens:
                 key = f"{m.out_features}x{m.in_features} n={t}"
-                if key not in done:
-                    done[key] = str(sparse24.tune(m.weight_values, m.weight_meta, t)[0])
+                if key in done:
+                    continue
+                if mma:
+                    kw, mw = sparse24_mma.tune(*m._fragments(), t)[0]
+                    done[key] = f"mma kw={kw} mw={mw}"
+                else:
+                    done[key] = str(sparse24.tune(*m.compact(), t)[0])
     return done
 
 
@@ -423,7 +480,6 @@ def tune_prefill_(model: nn.Module, tokens: tuple[int, ...] = (512, 2048), toler
     for m in mods:
         key = (m.out_features, m.in_features, m.weight_values.dtype)
         if key not in choices:
-            choices[key] = sparse24.choose_prefill(m.weight_values, m.weight_meta, tokens, tolerance,
-                                                   allow_dense_cache)
+            choices[key] = sparse24.choose_prefill(*m.compact(), tokens, tolerance, allow_dense_cache)
         m.set_prefill(choices[key]["mode"])
     return {f"{k[0]}x{k[1]}": v for k, v in choices.items()}

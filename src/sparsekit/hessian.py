@@ -23,6 +23,11 @@ from sparsekit.errors import HessianError, InputError
 
 log = logging.getLogger(__name__)
 
+#: Bytes of one slice of a batch converted to the accumulator's dtype at once: bounds the transient copy of a
+#: long, wide batch (16,384 tokens × 28,672 features in float32 is 1.75 GiB; issue 14). A batch within one slice
+#: is added in one product, as always; a larger one slice by slice (the same sum up to float rounding order).
+SLICE_BYTES = 256 * 2**20
+
 __all__ = [
     "DEFAULT_DAMP",
     "HessianAccumulator",
@@ -120,11 +125,22 @@ class HessianAccumulator:
         if x.device.type == "meta":
             raise InputError("calibration inputs are on the meta device (no data); load the model's weights first.")
         tf32 = x.dtype in _EXACT_IN_TF32 and self._sum.dtype == torch.float32 and self._sum.device.type == "cuda"
-        x = x.detach().reshape(-1, self.num_features).to(device=self._sum.device, dtype=self._sum.dtype)  # (n, K)
-        if not torch.isfinite(x).all():
-            raise InputError("calibration inputs contain NaN or Inf; check the model's forward pass in this dtype.")
+        x = x.detach().reshape(-1, self.num_features)  # (n, K)
+        rows = max(1, SLICE_BYTES // (self.num_features * self._sum.element_size()))
+        slices = [x[i : i + rows] for i in range(0, x.shape[0], rows)]  # one unless the converted copy is large
+
+        def converted(xs: Tensor) -> Tensor:  # (r, K) in the accumulator's dtype and device
+            return xs.to(device=self._sum.device, dtype=self._sum.dtype)
+
+        # every slice checked before any is added, so that a bad batch leaves the sum untouched
+        parts = [converted(xs) for xs in slices] if len(slices) == 1 else slices
+        for xs in parts:
+            if not torch.isfinite(converted(xs)).all():
+                raise InputError("calibration inputs contain NaN or Inf; check the model's forward pass in this dtype.")
         with _tf32_matmul() if tf32 else contextlib.nullcontext():
-            self._sum.addmm_(x.T, x)
+            for xs in parts:
+                xs = converted(xs)
+                self._sum.addmm_(xs.T, xs)
         self.num_tokens += x.shape[0]
 
     def merge(self, other: "HessianAccumulator") -> None:

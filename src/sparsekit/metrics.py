@@ -17,7 +17,10 @@ from torch import Tensor
 
 from sparsekit.coupling import SINGLE, Gather
 
-__all__ = ["pow2_scale", "quadratic_loss", "relative_error", "relative_error_x"]
+__all__ = ["SLICE_BYTES", "pow2_scale", "quadratic_loss", "relative_error", "relative_error_x"]
+
+#: Bytes of one float64 operand slice in :func:`relative_error` (rows of ``W``, columns of ``H``).
+SLICE_BYTES = 256 * 2**20
 
 
 def pow2_scale(x: Tensor, dtype: torch.dtype = torch.float64, gather: Gather = SINGLE) -> float:
@@ -42,6 +45,29 @@ def quadratic_loss(delta: Tensor, hessian: Tensor) -> Tensor:
     return ((d @ hessian.double()) * d).sum(1)
 
 
+def _traces(weight: Tensor, pruned: Tensor, hessian: Tensor, sw: float, sh: float) -> Tensor:
+    """``(tr(δ H δᵀ), tr(W H Wᵀ))`` (2,) float64 of the rescaled ``W``, ``W'``, ``H``. Within :data:`SLICE_BYTES` of
+    float64 per operand it is one product; beyond (a 28672 × 8192 layer is 1.75 GiB in float64, its ``K = 28672``
+    Hessian 6.1 GiB) the sums run over row slices of ``W`` and column blocks of ``H`` (``Σ_j (δ H_{:,j}) ∘ δ_{:,j}``),
+    so the float64 temporaries stay within a few slices (issue 14: this metric ran out of memory on a 70B block
+    under 24 GiB) — the same sums up to float64 rounding order."""
+    M, K = weight.shape
+    step = max(1, SLICE_BYTES // (8 * K))  # rows of W or columns of H per slice
+    if step >= M and step >= K:
+        w = weight.double() * sw  # (M, K)
+        h = hessian.double() * sh  # (K, K)
+        return torch.stack([quadratic_loss(pruned.double() * sw - w, h).sum(), quadratic_loss(w, h).sum()])
+    traces = torch.zeros(2, dtype=torch.float64, device=weight.device)
+    for j in range(0, K, step):
+        hj = hessian[:, j : j + step].double() * sh  # (K, kb)
+        for r in range(0, M, step):
+            w = weight[r : r + step].double() * sw  # (rb, K)
+            d = pruned[r : r + step].double() * sw - w
+            traces[0] += ((d @ hj) * d[:, j : j + step]).sum()
+            traces[1] += ((w @ hj) * w[:, j : j + step]).sum()
+    return traces
+
+
 def relative_error(weight: Tensor, pruned: Tensor, hessian: Tensor, gather: Gather = SINGLE) -> float:
     """``sqrt(tr(δ H δᵀ) / tr(W H Wᵀ))`` with ``δ = pruned − weight``: the relative output error through H.
 
@@ -51,10 +77,7 @@ def relative_error(weight: Tensor, pruned: Tensor, hessian: Tensor, gather: Gath
     are one part of a layer and the result is the whole layer's (both traces summed over the parts).
     """
     sw, sh = pow2_scale(weight, gather=gather), pow2_scale(hessian)
-    w = weight.double() * sw  # (M, K)
-    h = hessian.double() * sh  # (K, K)
-    traces = torch.stack([quadratic_loss(pruned.double() * sw - w, h).sum(), quadratic_loss(w, h).sum()])  # (2,)
-    num, den = gather.sum(traces).tolist()
+    num, den = gather.sum(_traces(weight, pruned, hessian, sw, sh)).tolist()
     num = max(num, 0.0)
     if den <= 0:
         return 0.0 if num == 0 else math.inf

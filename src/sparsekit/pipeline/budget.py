@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsekit.errors import ResourceError
+from sparsekit.hessian import SLICE_BYTES
 from sparsekit.memory import device_budget, format_bytes
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,9 @@ def _estimate(
     # "layer": one stage at a time, mostly one distinct input per stage; "block": at most every linear's H
     hessians = (max(h) if sequential == "layer" else sum(h)) if h else 0
     widest = max((max(m.in_features, m.out_features) for m in linears), default=d)
-    working = batch_tokens * (2 * d * elem + 3 * widest * elem + widest * H_ENTRY_BYTES)
+    # the H hooks convert their input to float32 in slices of at most SLICE_BYTES (hessian.HessianAccumulator.add)
+    working = batch_tokens * (2 * d * elem + 3 * widest * elem) + min(batch_tokens * widest * H_ENTRY_BYTES,
+                                                                      SLICE_BYTES)
     sets = 2 if sequential == "layer" else 1
     return PipelineMemory(block, sets * num_tokens * d * elem, hessians, working)
 
