@@ -190,6 +190,10 @@ class Sparse24Linear(nn.Module):
             if N <= sparse24.MAX_DECODE_TOKENS and sparse24_mma.supports(self.out_features, self.in_features,
                                                                           x.dtype, x.device):
                 if self.layout != "mma":
+                    if torch.cuda.is_current_stream_capturing():  # the permutation would be replayed every time
+                        raise InputError(
+                            "Sparse24Linear's first decode forward permutes its weight buffers in place, which a "
+                            "CUDA graph must not capture: run one forward (or tune_decode_(model)) before capturing.")
                     self._to_mma_layout_()
                 y = sparse24_mma.sparse24_mma(x2, *self._fragments(), self.bias)
             elif N <= sparse24.MAX_DECODE_TOKENS or self.prefill == "kernel":

@@ -344,7 +344,7 @@ def _kernel(dtype: torch.dtype, kw: int, mw: int, nt: int, xs: bool, device_inde
     try:  # our positions are ordered (i0 < i1), which PTX ISA 8.5 lets us declare; older NVRTCs lack it
         kernel = torch.cuda._compile_kernel('#define MMA_SP_OP "mma.sp::ordered_metadata"\n' + src, "sparse24_mma",
                                             compute_capability=cc)
-    except RuntimeError as exc:
+    except Exception as exc:  # noqa: BLE001 - NVRTC's compile error; the plain form is the fallback
         log.info("mma.sp::ordered_metadata unavailable (%s); using mma.sp", str(exc)[:200])
         kernel = torch.cuda._compile_kernel('#define MMA_SP_OP "mma.sp"\n' + src, "sparse24_mma", compute_capability=cc)
     if xs:
@@ -378,7 +378,8 @@ def sparse24_mma(x: Tensor, frag_values: Tensor, frag_meta: Tensor, bias: Tensor
     y = torch.empty(N, M, dtype=x.dtype, device=x.device)  # (N, M)
     nt, xs = (1 if N <= 8 else 2), N > XS_MIN_TOKENS
     device = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    _kernel(x.dtype, kw, mw, nt, xs, device)(
-        grid=(MT // mw, 1, 1), block=(32 * kw, 1, 1), shared_mem=_xs_bytes(kw) if xs else 0,
-        args=[frag_values, frag_meta, x, bias if bias is not None else x, y, M, K, N, int(bias is not None)])
+    with torch.cuda.device(device):  # the module is loaded into, and launched from, the tensors' device
+        _kernel(x.dtype, kw, mw, nt, xs, device)(
+            grid=(MT // mw, 1, 1), block=(32 * kw, 1, 1), shared_mem=_xs_bytes(kw) if xs else 0,
+            args=[frag_values, frag_meta, x, bias if bias is not None else x, y, M, K, N, int(bias is not None)])
     return y
