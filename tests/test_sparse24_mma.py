@@ -216,3 +216,36 @@ def test_tune_picks_a_correct_tile_and_the_default_follows_it():
     assert best == min(times, key=times.get) and len(times) >= 8
     assert default_tile(512, 1024, 4, torch.bfloat16) == best  # same token bucket (3 and 4)
     mod._TUNED.clear()
+
+
+def test_tune_skips_wrong_tiles_and_keeps_the_fastest_correct_one(monkeypatch):
+    """tune's logic on the CPU, with the kernel and the CUDA-graph timer replaced by fakes: a tile that is fast but
+    wrong is skipped (and logged), the fastest correct tile is chosen and becomes default_tile's answer."""
+    from sparsekit.kernels import sparse24, sparse24_mma as mod
+
+    W = random_24(32, 512, seed=9).to(torch.bfloat16)
+    fv, fm = mma_layout(*pack_24(W))
+    used = []
+
+    def fake_kernel(x, frag_values, frag_meta, bias=None, tile=None):
+        used.append(tile)
+        y = F.linear(x, unpack_24(*mma_unlayout(frag_values, frag_meta)))
+        return y + 1.0 if tile == (16, 1) else y  # (16, 1) is wrong
+
+    class FakeTimer:
+        def __init__(self, fn, calls):
+            fn(0)
+            self.tile = used[-1]
+
+        def once(self):
+            kw, mw = self.tile
+            return 100.0 / kw + mw  # (16, 1) would be the fastest; (16, 2) is the fastest correct one
+
+    monkeypatch.setattr(mod, "sparse24_mma", fake_kernel)
+    monkeypatch.setattr(sparse24, "GraphTimer", FakeTimer)
+    mod._TUNED.clear()
+    best, times = mod.tune(fv, fm, 2)
+    assert best == (16, 2) and (16, 1) not in times and len(times) == len(KW_CHOICES) * 2 - 1
+    assert default_tile(32, 512, 2, torch.bfloat16) == (16, 2)
+    mod._TUNED.clear()
+    assert default_tile(32, 512, 2, torch.bfloat16) == (2, 1)  # the rule again: 2 chunks
