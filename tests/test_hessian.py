@@ -91,6 +91,13 @@ def test_accumulator_slices_large_batches_with_the_same_sum(monkeypatch):
     with pytest.raises(InputError, match="NaN"):
         sliced.add(bad)
     assert torch.equal(sliced._sum, before) and sliced.num_tokens == 148
+    # float64 inputs beyond float32's range overflow the float32 accumulator: refused too, sum untouched
+    acc32 = hess.HessianAccumulator(24)  # float32
+    big = x.double()
+    big[-1, -1, 0] = 1e300
+    with pytest.raises(InputError, match="NaN or Inf"):
+        acc32.add(big)
+    assert not acc32._sum.any() and acc32.num_tokens == 0
 
 
 def test_relative_error_in_slices_equals_the_whole_product(monkeypatch):

@@ -181,9 +181,7 @@ class Sparse24Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # x (..., in) -> (..., out)
         if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.dtype == self.weight_values.dtype:
-            from sparsekit.kernels import sparse24
-
-            from sparsekit.kernels import sparse24_mma
+            from sparsekit.kernels import sparse24, sparse24_mma
 
             x2 = x.reshape(-1, self.in_features)  # (N, K)
             N = x2.shape[0]

@@ -127,19 +127,18 @@ class HessianAccumulator:
         tf32 = x.dtype in _EXACT_IN_TF32 and self._sum.dtype == torch.float32 and self._sum.device.type == "cuda"
         x = x.detach().reshape(-1, self.num_features)  # (n, K)
         rows = max(1, SLICE_BYTES // (self.num_features * self._sum.element_size()))
-        slices = [x[i : i + rows] for i in range(0, x.shape[0], rows)]  # one unless the converted copy is large
-
-        def converted(xs: Tensor) -> Tensor:  # (r, K) in the accumulator's dtype and device
-            return xs.to(device=self._sum.device, dtype=self._sum.dtype)
-
-        # every slice checked before any is added, so that a bad batch leaves the sum untouched
-        parts = [converted(xs) for xs in slices] if len(slices) == 1 else slices
-        for xs in parts:
-            if not torch.isfinite(converted(xs)).all():
+        if x.shape[0] <= rows:  # the usual case: one converted copy, checked, added
+            slices = [x.to(device=self._sum.device, dtype=self._sum.dtype)]
+        else:  # slices converted one at a time, after checking them all: a bad batch leaves the sum untouched
+            slices = [x[i : i + rows] for i in range(0, x.shape[0], rows)]
+        limit = torch.finfo(self._sum.dtype).max  # a wider input must also fit the accumulator's range
+        for xs in slices:
+            if not torch.isfinite(xs).all() or (xs.element_size() > self._sum.element_size()
+                                                and xs.abs().amax() > limit):
                 raise InputError("calibration inputs contain NaN or Inf; check the model's forward pass in this dtype.")
         with _tf32_matmul() if tf32 else contextlib.nullcontext():
-            for xs in parts:
-                xs = converted(xs)
+            for xs in slices:
+                xs = xs.to(device=self._sum.device, dtype=self._sum.dtype)  # (r, K); no copy if converted already
                 self._sum.addmm_(xs.T, xs)
         self.num_tokens += x.shape[0]
 

@@ -239,7 +239,14 @@ def supports(M: int, K: int, dtype: torch.dtype, device: torch.device) -> bool:
     ``K % 256 == 0``, and NVRTC available."""
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or M % ROWS or K % COLS:
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 8 and hasattr(torch.cuda, "_compile_kernel")
+    return _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _capable(device_index: int) -> bool:
+    """Sparse tensor cores (compute capability ≥ 8.0) and NVRTC through torch: asked once per device, since
+    :func:`supports` runs in every decode forward."""
+    return torch.cuda.get_device_capability(device_index)[0] >= 8 and hasattr(torch.cuda, "_compile_kernel")
 
 
 def fits(M: int, K: int, n_tokens: int, kw: int, mw: int) -> bool:
