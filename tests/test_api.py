@@ -5,6 +5,7 @@ import torch
 
 from oracles import brute_force_optimum, tiny_problem
 from sparsekit import HessianError, InputError, PatternError, get_pattern, prune_weight
+from sparsekit.pruners import METHODS
 
 BASELINES = ["magnitude", "wanda", "sparsegpt"]
 SEED_PATTERNS = ["2:4", "2:4-pairs", "coupled-2:4", "rowpair-16", "3:8", "50%"]
@@ -125,3 +126,34 @@ def test_bad_dtype_and_device_mismatch():
         _bad(lambda W, H: prune_weight(W, H.cuda(), "2:4"), InputError, "same device")
     else:
         _bad(lambda W, H: prune_weight(W, H.to("meta"), "2:4"), InputError, "same device")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_callers_hessian_is_left_bit_identical(monkeypatch, method, dtype):
+    """No method (nor the swap search and refit after it) writes into its hessian: prune_weight hands the caller's
+    own H to the method when it needs no scaling or cast (max|H| in [0.5, 1), the working dtype), and the caller's H
+    is bit-identical afterwards."""
+    import sparsekit.api as api
+
+    W, H, _ = tiny_problem(8, 16, seed=6)
+    H = (H * (0.75 / H.abs().max())).to(dtype)  # pow2_scale(H) == 1: no scaled copy
+    H = (H + H.T) / 2
+    W = W.to(dtype)
+    H0 = H.clone()
+    seen = []
+    real = api.get_pruner
+
+    def spy(name):
+        fn = real(name)
+
+        def wrapped(weight, hessian, *args, **kwargs):
+            seen.append(hessian.data_ptr())
+            return fn(weight, hessian, *args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(api, "get_pruner", spy)
+    prune_weight(W, H, "2:4", method, refine="swap", refit=True)
+    assert seen == [H.data_ptr()]  # the caller's H itself
+    assert torch.equal(H, H0)

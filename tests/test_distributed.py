@@ -113,7 +113,9 @@ def _worker(rank: int, world: int, port: int, job: dict, out: str) -> None:
         current[0] = pat
         try:
             device = job.get("device", "cpu")
-            result[pat] = _prune(pat, f"cuda:{rank}" if device == "cuda" else device, **job.get("kw", {}).get(pat, {}))
+            model = _model().to(getattr(torch, job.get("dtype", "float32")))
+            result[pat] = _prune(pat, f"cuda:{rank}" if device == "cuda" else device, model,
+                                 **job.get("kw", {}).get(pat, {}))
         except Exception as e:  # the test reads it
             result["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
         torch.save(result, Path(out) / f"rank{rank}.pt")  # what a rank did before it died stays
@@ -236,25 +238,48 @@ def test_one_nccl_rank_matches_the_gpu_run_without_a_group(tmp_path, one_thread)
         _assert_same(got[pat], want[pat])
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-def test_two_nccl_ranks_stay_close_to_the_gpu_run_without_a_group(tmp_path):
-    """Two GPUs through NCCL: ADMM and OBS-ord split over the ranks (their reductions through NCCL). Their parts'
-    GEMMs round differently from the whole linear's, and block 1 sees block 0's result, so the bound is on the
-    agreement, not bit identity (2:4 is left out: its held-out choice between two dampings may flip on a near tie
-    and change a whole layer)."""
+def _two_nccl_ranks(tmp_path: Path, dtype: torch.dtype) -> tuple[dict, list]:
+    """The three patterns but 2:4 (its held-out choice between two dampings may flip on a near tie and change a
+    whole layer) pruned by the run without a group on ``cuda:0`` and by two NCCL ranks (``cuda:0``, ``cuda:1``)
+    with the model in ``dtype``; ``(plain, [rank 0's, rank 1's])``, the ranks checked to agree bit for bit
+    (every rank continues with the same block)."""
     pats = [p for p in SEED_PATTERNS if p != "2:4"]
-    want = {pat: _prune(pat, "cuda:0") for pat in pats}
-    got = _spawn(2, {"patterns": pats, "backend": "nccl", "device": "cuda"}, tmp_path)
+    want = {pat: _prune(pat, "cuda:0", _model().to(dtype)) for pat in pats}
+    got = _spawn(2, {"patterns": pats, "backend": "nccl", "device": "cuda", "dtype": str(dtype)[6:]}, tmp_path)
     for r, res in enumerate(got):
         assert res is not None and "error" not in res, f"rank {r}: {res and res['error']}"
         for pat in pats:
             assert res[pat].keys() == want[pat].keys()
-            for name, w in want[pat].items():
-                g = res[pat][name]
-                assert torch.equal(g, got[0][pat][name]), f"rank {r} {pat} {name}: ranks differ"
-                assert ((g != 0) != (w != 0)).float().mean() < 0.01, f"{pat} {name}: masks differ by > 1%"
-                assert float((g.double() - w.double()).norm() / w.double().norm()) < 0.05, f"{pat} {name}"
+            for name in want[pat]:
+                assert torch.equal(res[pat][name], got[0][pat][name]), f"rank {r} {pat} {name}: ranks differ"
+    return want, got
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_nccl_ranks_match_the_gpu_run_without_a_group_in_float64(tmp_path):
+    """Two GPUs through NCCL, ADMM and OBS-ord split over the ranks (their reductions through NCCL): the parts'
+    GEMMs round differently from the whole linear's (cuBLAS picks kernels by shape), by about 1e-16 relative in
+    float64, which can flip a mask decision only on a tie that close. So the masks are those of the run without a
+    group, exactly, and the weights agree to 1e-10 — in both blocks (block 1 sees block 0's result)."""
+    want, got = _two_nccl_ranks(tmp_path, torch.float64)
+    for pat, weights in want.items():
+        for name, w in weights.items():
+            g = got[0][pat][name]
+            assert torch.equal(g != 0, w != 0), f"{pat} {name}: masks differ"
+            assert float((g - w).norm() / w.norm()) < 1e-10, f"{pat} {name}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_nccl_ranks_agree_in_float32(tmp_path):
+    """The same in float32: the ranks agree bit for bit (``_two_nccl_ranks``). The run without a group is no oracle
+    here: ADMM's and True OBS's float32 GEMMs run in TF32 (10-bit mantissas), so a part's product differs from the
+    whole linear's by ~1e-3 relative, enough to flip near-tied mask decisions, and the flips compound over ADMM's
+    60 iterations and into block 1 (H200, 2026-12-04: 1.27% of block 1's ADMM o_proj mask under 2:4-pairs, its
+    weights 13.7% apart; block 0's masks within 1%). Agreement with one process is the float64 test's; at scale
+    the mean layer loss of two GPUs equals one GPU's to four digits (BENCHMARKS.md, "Two GPUs")."""
+    _two_nccl_ranks(tmp_path, torch.float32)
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 from sparsekit import InputError  # noqa: E402
 from sparsekit.cli.prune import add_cli, config_from_args  # noqa: E402
 from sparsekit.errors import ResourceError  # noqa: E402
-from sparsekit.memory import Budget  # noqa: E402
+from sparsekit.memory import FRAGMENTATION_MARGIN, Budget  # noqa: E402
 from sparsekit.pipeline import PruneConfig, find_blocks, prune_model_  # noqa: E402
 from sparsekit.pipeline import budget as budget_mod  # noqa: E402
 from sparsekit.pipeline import run as run_mod  # noqa: E402
@@ -196,6 +196,50 @@ def test_cuda_plan_offloads_activations_only_when_they_do_not_fit(monkeypatch, c
     with pytest.raises(ResourceError, match="batch_size") as e:
         _plan(monkeypatch, est.total(offload=True) - 1)
     assert e.value.needed == est.total(offload=True)
+
+
+class _Llama70BBlock(nn.Module):
+    """The linears of one Llama-3-70B block (d 8192, ffn 28672, 8 KV heads of 128), bfloat16 on the meta device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        d, f, kv = 8192, 28672, 1024
+        shapes = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
+        for name, (k, m) in shapes.items():
+            setattr(self, name, nn.Linear(k, m, bias=False, device="meta", dtype=torch.bfloat16))
+
+
+def test_plan_counts_prune_weights_floor_and_offloads_a_70b_block() -> None:
+    """The measured case: a Llama-3-70B block under a 24 GiB cap, 128 × 2048 calibration tokens, batches of 8,
+    layer-sequential. The down projection's prune_weight holds (4 K² + 2 M K) · 4 + 16 M K B = 17.5 GiB besides the
+    pipeline's float32 H: counted, the activations go to the CPU; uncounted (the old plan), they stayed and the run
+    ran out of memory in the down projection. A smaller budget raises, naming the pruning floor."""
+    block = _Llama70BBlock()
+    lin = list(block.children())
+    mem = budget_mod._estimate(nn.ModuleList([block]), lin, 128 * 2048, 8 * 2048, 8192, torch.bfloat16, "layer",
+                               on_device=False)
+    K, M = 28672, 8192
+    assert mem.pruning == (4 * K * K + 2 * M * K) * 4 + 16 * M * K == int(17.5 * 2**30)
+    assert mem.activations == 8 * 2**30 and mem.hessians == K * K * 4  # two sets of 262144 × 8192 bf16; 3.06 GiB
+    assert 1.5 * 2**30 < mem.block < 1.7 * 2**30 and 3.3 * 2**30 < mem.working < 3.4 * 2**30
+    # the forwards' batch and the pruning are not held together
+    assert mem.total(offload=True) == mem.block + mem.hessians + mem.pruning
+    cap = 24 * 2**30
+    budget = Budget(int(cap * (1 - FRAGMENTATION_MARGIN)), cap, "test")
+    cuda = torch.device("cuda", 0)
+    old = dataclasses.replace(mem, pruning=0)
+    assert old.total(offload=False) <= budget.bytes < mem.total(offload=False)  # the old plan kept them
+    assert budget_mod.decide_offload(mem, budget, cuda, offload=False) is True
+    assert budget_mod.decide_offload(mem, budget, cuda, offload=True) is True
+    assert budget_mod.decide_offload(mem, Budget(2**40, 2**40, "test"), cuda, offload=False) is False
+    small = Budget(mem.total(offload=True) - 1, cap, "test")
+    with pytest.raises(ResourceError, match="pruning the widest layer 17.5 GiB") as e:
+        budget_mod.decide_offload(mem, small, cuda, offload=False)
+    assert e.value.needed == mem.total(offload=True)
+    # the CPU cannot offload: what does not fit as configured raises, the activations and the floor counted
+    with pytest.raises(ResourceError, match="activations 8.0 GiB") as e:
+        budget_mod.decide_offload(mem, budget, torch.device("cpu"), offload=False)
+    assert e.value.needed == mem.total(offload=False)
 
 
 def test_offloaded_activations_give_identical_weights() -> None:

@@ -186,7 +186,10 @@ def prune_weight(
         sw = pow2_scale(weight, dtype, g)
         sh = pow2_scale(hessian, dtype) if damp_mode == "diag" or damp < 1 else 1.0
         w0 = weight.detach().to(dtype) * sw  # (M, K) a private copy, scaled exactly (a power of two)
-        h = hessian.detach().to(dtype) * sh  # (K, K)
+        if sh == 1.0 and hessian.dtype == dtype and hessian.is_contiguous():
+            h = hessian.detach()  # (K, K) the caller's own H, not copied: no pruner writes into its hessian
+        else:
+            h = hessian.detach().to(dtype) * sh  # (K, K)
         _sync(weight.device)
         t0 = time.perf_counter()
         work = w0 if refine is None and not refit else w0.clone()  # refine/refit need the original w0

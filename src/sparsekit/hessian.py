@@ -169,7 +169,13 @@ class HessianAccumulator:
 
 
 def check_hessian(hessian: Tensor, num_cols: int) -> None:
-    """Raise a clear error unless ``hessian`` is a finite, symmetric ``(K, K)`` matrix with a non-negative diagonal."""
+    """Raise a clear error unless ``hessian`` is a finite, symmetric ``(K, K)`` matrix with a non-negative diagonal.
+
+    Symmetric: ``max|H − Hᵀ| / max|H| <= 1e-4``; non-negative: ``H_jj >= −1e-6 · max|H|``, and some ``H_jj > 0``.
+    Read in row slices (``hessian[a:b]`` against ``hessian[:, a:b]ᵀ``), one float64 slice of at most
+    :data:`SLICE_BYTES` at a time: no full-size temporary, and the same maxima as over the whole matrix (a maximum
+    does not depend on the order it is taken in).
+    """
     if hessian.dim() != 2 or hessian.shape != (num_cols, num_cols):
         raise InputError(
             f"hessian must be ({num_cols}, {num_cols}) for a weight with K={num_cols} columns, got {tuple(hessian.shape)}."
@@ -178,17 +184,29 @@ def check_hessian(hessian: Tensor, num_cols: int) -> None:
         raise InputError(f"hessian must be a floating tensor, got {hessian.dtype}.")
     if hessian.device.type == "meta":
         raise InputError("hessian is on the meta device (no data); compute it from real inputs.")
-    if not torch.isfinite(hessian).all():
-        raise InputError("hessian contains NaN or Inf; recompute it from finite inputs.")
-    h = hessian.double()
-    scale = h.abs().max().clamp_min(1e-300)
-    if ((h - h.T).abs().max() / scale).item() > 1e-4:
+    K = num_cols
+    rows = max(1, SLICE_BYTES // (8 * max(K, 1)))  # float64 rows per slice
+    bounds = [(a, min(a + rows, K)) for a in range(0, K, rows)]
+    scale = torch.zeros((), dtype=torch.float64, device=hessian.device)  # max|H|
+    for a, b in bounds:
+        lo, hi = (v.double() for v in torch.aminmax(hessian[a:b]))  # NaN and ±Inf reach them
+        if not (torch.isfinite(lo) & torch.isfinite(hi)):
+            raise InputError("hessian contains NaN or Inf; recompute it from finite inputs.")
+        scale = torch.maximum(scale, torch.maximum(hi, -lo))  # max|x| = max(max x, −min x)
+    scale = scale.clamp_min(1e-300)
+    asym = torch.zeros((), dtype=torch.float64, device=hessian.device)  # max|H − Hᵀ|
+    for a, b in bounds:
+        diff = hessian[a:b].to(torch.float64, copy=True)  # (b − a, K)
+        diff.sub_(hessian[:, a:b].T)  # H − Hᵀ on rows [a, b), in float64
+        asym = torch.maximum(asym, diff.abs_().max())
+    if (asym / scale).item() > 1e-4:
         raise HessianError("hessian is not symmetric; pass (H + H.T) / 2 or recompute it as XᵀX.")
-    if (h.diagonal() < -1e-6 * scale).any():
+    diag = hessian.diagonal().double()  # (K,)
+    if (diag < -1e-6 * scale).any():
         raise HessianError(
             "hessian has negative diagonal entries, so it is not positive semi-definite; it must be XᵀX of real inputs."
         )
-    if not (h.diagonal() > 0).any():
+    if not (diag > 0).any():
         raise HessianError(
             "hessian is all zero (the layer saw only zero inputs), so the loss is 0/0; check the calibration data "
             "(e.g. an all-zero attention mask) or skip this layer."
@@ -260,16 +278,21 @@ def _escalate(
     by ``DAMP_GROWTH`` (logged) up to ``max_steps`` times and up to a relative damping of
     ``max(MAX_ESCALATED_DAMP, the caller's)``, past which :class:`HessianError` is raised. A result that needed
     escalations also emits a :class:`DampingWarning`. Dead inputs (``H_jj = 0``) get ``H_jj = 1`` first.
+    One ``(K, K)`` copy of ``hessian`` is held (``H + Λ``, rebuilt from ``hessian`` for each try, so ``factor`` may
+    write over it), besides what ``factor`` allocates; it is released before returning unless ``factor``'s result
+    holds it.
     """
     check_damp(damp, damp_mode)
-    h = hessian.clone()
-    dead = h.diagonal() == 0
-    h.diagonal()[dead] = 1.0
-    mean_diag = h.diagonal().mean().item()
-    lam = damping_value(h, damp) if damp_mode == "mean" else damp
+    hd = hessian.clone()  # (K, K) H with dead inputs at 1, then H + Λ
+    dead = hd.diagonal() == 0
+    hd.diagonal()[dead] = 1.0
+    mean_diag = hd.diagonal().mean().item()
+    lam = damping_value(hd, damp) if damp_mode == "mean" else damp
     bound = max(MAX_ESCALATED_DAMP, lam / mean_diag if damp_mode == "mean" else lam)
     for step in range(max_steps + 1):
-        hd = h.clone()
+        if step:
+            hd.copy_(hessian)
+            hd.diagonal()[dead] = 1.0
         if damp_mode == "mean":
             hd.diagonal().add_(lam)
         else:
@@ -277,6 +300,7 @@ def _escalate(
         rel = lam / mean_diag if damp_mode == "mean" else lam
         out = factor(hd)
         if out is not None:
+            del hd
             if step:
                 msg = (f"the Hessian needed relative damping {rel:.3g} (asked: {damp}) after {step} escalations: it "
                        "is not XᵀX up to rounding, or badly conditioned; check it, or pass a larger damp.")
@@ -289,6 +313,7 @@ def _escalate(
         log.warning("Cholesky of the damped H failed at relative damping %.3g; raising it to %.3g.",
                     rel, new / mean_diag if damp_mode == "mean" else new)
         lam = new
+    del hd  # not pinned by the traceback's frame
     raise HessianError(
         f"the damped Hessian is not positive definite even at relative damping {rel:.3g} after {step} "
         f"escalations (bound: {bound:.3g}): H is not PSD (not XᵀX of real inputs) or is badly conditioned; check "
@@ -322,13 +347,19 @@ def damped_inverse(
     is multiplied by ``DAMP_GROWTH`` (a warning is logged) up to ``max_steps`` times; past that a
     :class:`HessianError` names the damping tried. With ``upper=True`` the upper Cholesky factor of ``C``
     (SparseGPT's ``Hinv``) is computed too, and its failure escalates the damping the same way.
+
+    Memory: ``C`` is written over ``H + Λ`` once factored, so the peak is three ``(K, K)`` matrices (``H + Λ``
+    then ``C``, the factor, and the working copy of the factor ``cholesky_inverse`` makes on CUDA), four with
+    ``upper``.
     """
 
     def factor(hd: Tensor) -> tuple[Tensor, Tensor, Tensor | None] | None:
         chol, info = torch.linalg.cholesky_ex(hd)
         if info.item() != 0:
             return None
-        inv = torch.cholesky_inverse(chol).mT  # symmetric; .mT of the column-major result is row-major
+        # C into hd's memory (hd.mT: the column-major result cholesky_inverse makes anyway, the same bits);
+        # symmetric, so .mT is C row-major
+        inv = torch.cholesky_inverse(chol, out=hd.mT).mT
         if not upper:
             return inv, chol, None
         up, info = torch.linalg.cholesky_ex(inv, upper=True)
@@ -356,9 +387,24 @@ class ScaledInverse:
 
 
 def scaled_inverse(hessian: Tensor, damp: float, damp_mode: str) -> ScaledInverse:
-    """Damped inverse in scale-free coordinates; ``w̃ = w · d`` are the matching weights."""
+    """Damped inverse in scale-free coordinates; ``w̃ = w · d`` are the matching weights.
+
+    ``C̃ = (D C D + (D C D)ᵀ) / 2`` is formed in place of ``C``: the Cholesky factor is released first, and the
+    symmetrisation runs over square blocks of at most :data:`SLICE_BYTES`, so the peak is that of
+    :func:`damped_inverse` (three ``(K, K)`` matrices), and ``C̃`` owns its memory.
+    """
     inv = damped_inverse(hessian, damp, damp_mode)
     d = inv.chol.square().sum(1).sqrt()  # (K,) sqrt(diag(L Lᵀ)) = sqrt(diag(H + Λ))
-    C = inv.inverse * d[:, None] * d[None, :]
-    C = (C + C.T) / 2
-    return ScaledInverse(C, d, inv.damp, inv.steps)
+    C, rel, steps = inv.inverse, inv.damp, inv.steps  # (K, K)
+    del inv  # frees the factor
+    C.mul_(d[:, None]).mul_(d[None, :])
+    K = C.shape[0]
+    step = max(1, math.isqrt(SLICE_BYTES // C.element_size()))  # block side: one block's temporary <= SLICE_BYTES
+    for i in range(0, K, step):
+        for j in range(i, K, step):
+            t = C[i : i + step, j : j + step] + C[j : j + step, i : i + step].T  # (bi, bj) C + Cᵀ on the block
+            t.div_(2)
+            C[i : i + step, j : j + step] = t
+            if j != i:
+                C[j : j + step, i : i + step] = t.T
+    return ScaledInverse(C, d, rel, steps)

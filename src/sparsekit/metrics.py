@@ -31,7 +31,8 @@ def pow2_scale(x: Tensor, dtype: torch.dtype = torch.float64, gather: Gather = S
     from ``x · pow2_scale(x)`` are the same for ``x`` and ``c · x`` whenever ``c`` is a power of two, and equal up
     to the rounding of ``c · x`` itself for any other ``c``. With ``gather``: ``max|x|`` over every row part.
     """
-    amax = gather.max(x.detach().abs().max())
+    lo, hi = torch.aminmax(x.detach())  # no |x| temporary (a K × K one for a Hessian)
+    amax = gather.max(torch.maximum(hi, -lo))  # max|x| = max(max x, −min x)
     if amax == 0:
         return 1.0
     _, e = torch.frexp(amax)

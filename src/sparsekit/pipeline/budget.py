@@ -1,12 +1,19 @@
 """The pipeline's memory budget (issue 14, DESIGN.md §8): what :func:`~sparsekit.pipeline.prune_model_` holds on
-the device besides ``prune_weight``'s own work, whether that fits, and the budget each ``prune_weight`` call gets.
+the device, with the least each ``prune_weight`` call needs besides, whether that fits, and the budget each
+``prune_weight`` call gets.
 
 While a layer is pruned the pipeline holds, on ``config.device``: the block's weights, the calibration hidden
 states (one set, ``n_tokens × d``: each block's outputs replace its inputs batch by batch; with
 ``sequential="layer"`` one more for the finished children's outputs, :mod:`sparsekit.pipeline.reuse`), the Hessians of
-the current stage (``K²`` float32 each) and, during the forwards, one batch's temporaries. Before the first
-block :func:`plan_memory` estimates these bytes (:class:`PipelineMemory`) and compares them with the budget
-(:func:`sparsekit.memory.device_budget` of ``config.max_memory``):
+the current stage (``K²`` float32 each) and, during the forwards, one batch's temporaries; between the forwards,
+a ``prune_weight`` call, which on the widest linear ``(M, K)`` holds at least ``(4 K² + 2 M K) · s + 16 M K``
+bytes (``s = 4``, 8 for a float64 model): its scaled copy of ``H``, the three ``(K, K)`` of
+:func:`~sparsekit.hessian.damped_inverse` (``H + Λ`` then the inverse, its Cholesky factor, the working copy of
+the factor on CUDA), its working copy of the weight and the result, and the pattern's layout (the int64 row and
+column of every entry); a method's chunks come on top, planned in what is left. Before the first block
+:func:`plan_memory` estimates these bytes (:class:`PipelineMemory`; the peak counts the larger of the batch's
+temporaries and the ``prune_weight`` call, which are never held together) and :func:`decide_offload` compares
+them with the budget (:func:`sparsekit.memory.device_budget` of ``config.max_memory``):
 
 - they fit: the run goes ahead as configured;
 - on CUDA, they fit only with the activations on the CPU: the activations are offloaded (logged at WARNING,
@@ -33,13 +40,13 @@ from torch import Tensor, nn
 
 from sparsekit.errors import ResourceError
 from sparsekit.hessian import SLICE_BYTES
-from sparsekit.memory import device_budget, format_bytes
+from sparsekit.memory import Budget, device_budget, format_bytes
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "H_ENTRY_BYTES", "PipelineMemory", "module_bytes", "tensor_bytes", "plan_memory", "layer_max_memory",
-    "pipeline_resource_error",
+    "H_ENTRY_BYTES", "PipelineMemory", "module_bytes", "tensor_bytes", "plan_memory", "decide_offload",
+    "layer_max_memory", "pipeline_resource_error",
 ]
 
 #: bytes per Hessian entry: the pipeline accumulates ``H`` in float32
@@ -64,15 +71,17 @@ def tensor_bytes(tensors: Iterable[Tensor]) -> int:
 
 @dataclass(frozen=True)
 class PipelineMemory:
-    """Estimated bytes the pipeline holds on the device at once, besides ``prune_weight``'s work."""
+    """Estimated bytes on the device at once: the pipeline's, and the least ``prune_weight`` holds besides."""
 
     block: int  # the largest block's weights and buffers (0 if the blocks already live on the device)
     activations: int  # calibration hidden states, n_tokens × d: one set, two with "layer" (:mod:`.reuse`'s store)
     hessians: int  # the H accumulators alive together (largest stage)
     working: int  # one batch: its hidden states in and out, the widest linear's activations, the fp32 copy of H's input
+    pruning: int  # the least prune_weight holds on the widest linear, besides the pipeline's H (module docstring)
 
     def total(self, offload: bool) -> int:
-        return self.block + self.hessians + self.working + (0 if offload else self.activations)
+        """Peak bytes: the batch's temporaries (forwards) and ``prune_weight``'s (after them) are not held at once."""
+        return self.block + self.hessians + max(self.working, self.pruning) + (0 if offload else self.activations)
 
 
 def _estimate(
@@ -89,7 +98,12 @@ def _estimate(
     working = batch_tokens * (2 * d * elem + 3 * widest * elem) + min(batch_tokens * widest * H_ENTRY_BYTES,
                                                                       SLICE_BYTES)
     sets = 2 if sequential == "layer" else 1
-    return PipelineMemory(block, sets * num_tokens * d * elem, hessians, working)
+    # prune_weight works in float64 for a float64 model (the pipeline's H is float32), else in float32; its
+    # layout holds two int64 indices per weight entry
+    s = 8 if act_dtype == torch.float64 else 4
+    pruning = max(((4 * m.in_features ** 2 + 2 * m.out_features * m.in_features) * s
+                   + 16 * m.out_features * m.in_features for m in linears), default=0)
+    return PipelineMemory(block, sets * num_tokens * d * elem, hessians, working, pruning)
 
 
 def plan_memory(
@@ -111,22 +125,31 @@ def plan_memory(
                     ref.dtype, config.sequential, on_device)
     budget = device_budget(device, config.max_memory)
     record: dict[str, Any] = {"budget": str(budget), "budget_bytes": budget.bytes, "max_memory": config.max_memory,
-                              "estimate": asdict(mem), "offload_activations": offload}
+                              "estimate": asdict(mem)}
+    record["offload_activations"] = decide_offload(mem, budget, device, offload)
+    return record["offload_activations"], record
+
+
+def decide_offload(mem: PipelineMemory, budget: Budget, device: torch.device, offload: bool) -> bool:
+    """Whether the activations stay on the CPU between blocks, given the estimate ``mem``, the ``budget`` and the
+    configured ``offload`` (module docstring): ``offload`` if everything fits as configured, ``True`` on CUDA if it
+    fits only so. Raises :class:`ResourceError` when it does not fit even with the activations on the CPU."""
     cuda = device.type == "cuda"
     if mem.total(offload=offload and cuda) <= budget.bytes:
-        return offload, record
+        return offload
     if cuda and mem.total(offload=True) <= budget.bytes:
         log.warning(
-            "the calibration activations (%s) do not fit on %s next to the block and its Hessians (budget %s); "
-            "keeping them on the CPU between blocks (same result, slower).",
+            "the calibration activations (%s) do not fit on %s next to the block, its Hessians and the forwards or "
+            "the pruning of its widest layer (budget %s); keeping them on the CPU between blocks (same result, "
+            "slower).",
             format_bytes(mem.activations), device, budget,
         )
-        record["offload_activations"] = True
-        return True, record
+        return True
     need = mem.total(offload=cuda)
     raise ResourceError(
         f"the pipeline needs about {format_bytes(need)} on {device} (block {format_bytes(mem.block)}, Hessians "
-        f"{format_bytes(mem.hessians)}, one batch {format_bytes(mem.working)}"
+        f"{format_bytes(mem.hessians)}, one batch {format_bytes(mem.working)}, pruning the widest layer "
+        f"{format_bytes(mem.pruning)}"
         + ("" if cuda else f", activations {format_bytes(mem.activations)}")
         + f") but the budget is {budget}. Pass a larger max_memory (--max-memory), a smaller batch_size "
         "(--batch-size), fewer calibration tokens, or use a device with more memory.",

@@ -5,10 +5,11 @@ Every pruner has the signature::
     fn(weight, hessian, layout, *, damp, damp_mode, progress_fn, max_memory, **options) -> PrunerOutput
 
 ``weight (M, K)`` is a private float32/float64 copy the pruner may overwrite, ``hessian (K, K)`` the undamped
-``H`` (same dtype and device), ``layout`` the pattern resolved for ``(M, K)`` on the same device, ``max_memory``
-the memory budget in bytes or ``None`` (:func:`sparsekit.memory.device_budget`; methods that chunk their rows
-plan the chunks with :func:`sparsekit.memory.plan_rows`; methods that allocate little may ignore it). Pruners do no
-input validation of weight/H/pattern (``sparsekit.prune_weight`` does); they validate their own options.
+``H`` (same dtype and device), read only: it may be the caller's own tensor. ``layout`` is the pattern resolved
+for ``(M, K)`` on the same device, ``max_memory`` the memory budget in bytes or ``None``
+(:func:`sparsekit.memory.device_budget`; methods that chunk their rows plan the chunks with
+:func:`sparsekit.memory.plan_rows`; methods that allocate little may ignore it). Pruners do no input validation of
+weight/H/pattern (``sparsekit.prune_weight`` does); they validate their own options.
 The methods whose rows are coupled (``row_separable=False``: OBS-ord, ADMM) also take ``gather``, a
 :class:`sparsekit.coupling.Gather`: ``weight`` may be one row part of a layer, and what couples the rows is reduced
 over the parts through it.

@@ -453,8 +453,9 @@ def chunk_bytes(layout: Layout, ng: int, c_dtype: torch.dtype, work: torch.dtype
 
 
 def _inverse_bytes(K: int, work: torch.dtype) -> int:
-    """Peak of :func:`scaled_inverse`: ``H + Λ``, its Cholesky factor, the inverse and the scaled copy."""
-    return 4 * K * K * work.itemsize
+    """Peak of :func:`scaled_inverse`: ``H + Λ`` (then the inverse, in its memory), its Cholesky factor and the
+    working copy of the factor ``cholesky_inverse`` makes on CUDA."""
+    return 3 * K * K * work.itemsize
 
 
 def _chunk_rows(layout: Layout, chunk_size: int | None, ng: int, c_dtype: torch.dtype, work: torch.dtype,
