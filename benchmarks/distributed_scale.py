@@ -11,7 +11,7 @@ blocks, 2:4, 128 × 2048 calibration tokens, True OBS and ADMM (its rows split o
     NCCL_NVLS_ENABLE=0 PYTHONPATH=src torchrun --nproc-per-node 1 benchmarks/distributed_scale.py --check --out $OUT
 
 Every rank builds the same random model (seeded) and calibration tokens; rank 0 writes
-``$OUT/scale_<method>_w<N>.json`` (wall time of ``prune_model_``, per-stage pruning time summed over linears, peak
+``$OUT/scale_<method>_w<N>.json`` (wall time of ``prune_model_`` and of each block, per-stage pruning time summed over linears, peak
 GPU memory (max over ranks), peak host RSS of rank 0, and a SHA-256 of all pruned weights) and prints the table
 (1/2/4/8 GPUs, whichever were run). One rank prunes every linear whole, as a run without a process group does
 (the same GPU work: ``--check`` below expects bit-identical weights). With two or more ranks True OBS's linears are
@@ -71,13 +71,22 @@ def _prune(args, method: str, device: str):
     heldout = dict(reg_grid=DEFAULT_GRID, reg_scope="model") if args.reg_grid == "default" else {}
     cfg = PruneConfig(pattern=args.pattern, method=method, options=dict(METHODS[method].options),
                       device=device, batch_size=args.batch_size, row_parts=args.row_parts, **heldout)
+    blocks: list[float] = []  # wall seconds of each block (the first includes the warm-up)
+    start = [0.0]
+
+    def progress(ev) -> None:
+        if ev.event == "block_start":
+            start[0] = time.perf_counter()
+        elif ev.event == "block_done":
+            blocks.append(time.perf_counter() - start[0])
+
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    report = prune_model_(model, cfg, calib)
+    report = prune_model_(model, cfg, calib, progress)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return model, report, time.perf_counter() - t0
+    return model, report, time.perf_counter() - t0, blocks
 
 
 def run(args) -> None:
@@ -94,7 +103,7 @@ def run(args) -> None:
     for method in args.method:
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        model, report, wall = _prune(args, method, device)
+        model, report, wall, blocks = _prune(args, method, device)
         peak = torch.tensor([torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0],
                             device=device if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu")
         if dist.is_initialized():
@@ -107,7 +116,7 @@ def run(args) -> None:
             stages[stage] = stages.get(stage, 0.0) + lay.time_s
         row = {
             "method": method + ("+reg" if args.reg_grid == "default" else ""), "world": world, "shape": args.shape, "layers": args.layers, "pattern": args.pattern,
-            "tokens": args.nseq * args.seq_len, "wall_s": wall, "prune_s_by_linear": stages,
+            "tokens": args.nseq * args.seq_len, "wall_s": wall, "block_s": blocks, "prune_s_by_linear": stages,
             "mean_loss": report.mean_loss, "gpu_peak_bytes": int(peak.item()),
             "host_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "weights_sha256": _digest(model), "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
@@ -118,7 +127,7 @@ def run(args) -> None:
     lead = leave()
     if lead and args.check and world == 1:  # the same runs without a process group
         for row, method in zip(rows, args.method):
-            plain, _, plain_wall = _prune(args, method, device)
+            plain, _, plain_wall, _ = _prune(args, method, device)
             row.update(plain_wall_s=plain_wall, identical_to_plain=_digest(plain) == row["weights_sha256"])
             del plain
     if lead:
@@ -127,16 +136,26 @@ def run(args) -> None:
         table(out)
 
 
+def _steady(r: dict) -> float | None:
+    """Mean seconds per block after the first (its warm-up: kernel compilation, NCCL set-up); None without."""
+    later = r.get("block_s", [])[1:]
+    return sum(later) / len(later) if later else None
+
+
 def table(out: Path) -> None:
     rows = [json.loads(p.read_text()) for p in sorted(out.glob("scale_*_w*.json"))]
-    print("| method | GPUs | wall s | speed-up | mean loss | GPU peak GiB | host peak GiB | same weights as 1 | "
-          "1 rank = no group |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| method | GPUs | wall s | speed-up | s/block after the first | its speed-up | mean loss | GPU peak GiB | "
+          "host peak GiB | same weights as 1 | 1 rank = no group |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["method"], r["world"])):
         base = next((b for b in rows if b["method"] == r["method"] and b["world"] == 1), None)
         speed = f"{base['wall_s'] / r['wall_s']:.2f}×" if base else "?"
+        steady, steady_base = _steady(r), base and _steady(base)
+        per_block = "?" if steady is None else f"{steady:.1f}"
+        steady_speed = f"{steady_base / steady:.2f}×" if steady and steady_base else "?"
         same = "?" if base is None else ("yes" if base["weights_sha256"] == r["weights_sha256"] else "NO")
-        print(f"| {r['method']} | {r['world']} | {r['wall_s']:.1f} | {speed} | {r['mean_loss']:.2%} | "
+        print(f"| {r['method']} | {r['world']} | {r['wall_s']:.1f} | {speed} | {per_block} | {steady_speed} | "
+              f"{r['mean_loss']:.2%} | "
               f"{r['gpu_peak_bytes'] / 2**30:.1f} | {r['host_peak_bytes'] / 2**30:.1f} | {same} | "
               f"{r.get('identical_to_plain', '-')} |")
 
@@ -145,7 +164,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--method", action="append", default=None, help="true-obs, admm (repeatable; default both)")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
-    ap.add_argument("--layers", type=int, default=2, help="blocks of the model (Llama-3-8B has 32)")
+    ap.add_argument("--layers", type=int, default=3,
+                    help="blocks of the model (Llama-3-8B has 32; the first is the warm-up)")
     ap.add_argument("--nseq", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=8)
