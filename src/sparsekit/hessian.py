@@ -186,19 +186,18 @@ def check_hessian(hessian: Tensor, num_cols: int) -> None:
         raise InputError("hessian is on the meta device (no data); compute it from real inputs.")
     K = num_cols
     rows = max(1, SLICE_BYTES // (8 * max(K, 1)))  # float64 rows per slice
-    bounds = [(a, min(a + rows, K)) for a in range(0, K, rows)]
+    finite = torch.ones((), dtype=torch.bool, device=hessian.device)
     scale = torch.zeros((), dtype=torch.float64, device=hessian.device)  # max|H|
-    for a, b in bounds:
-        lo, hi = (v.double() for v in torch.aminmax(hessian[a:b]))  # NaN and ±Inf reach them
-        if not (torch.isfinite(lo) & torch.isfinite(hi)):
-            raise InputError("hessian contains NaN or Inf; recompute it from finite inputs.")
-        scale = torch.maximum(scale, torch.maximum(hi, -lo))  # max|x| = max(max x, −min x)
-    scale = scale.clamp_min(1e-300)
     asym = torch.zeros((), dtype=torch.float64, device=hessian.device)  # max|H − Hᵀ|
-    for a, b in bounds:
-        diff = hessian[a:b].to(torch.float64, copy=True)  # (b − a, K)
-        diff.sub_(hessian[:, a:b].T)  # H − Hᵀ on rows [a, b), in float64
-        asym = torch.maximum(asym, diff.abs_().max())
+    for a in range(0, K, rows):  # one pass, no host sync inside
+        s = hessian[a : a + rows].to(torch.float64, copy=True)  # (rows, K)
+        finite &= torch.isfinite(s).all()
+        lo, hi = torch.aminmax(s)
+        scale = torch.maximum(scale, torch.maximum(hi, -lo))  # max|x| = max(max x, −min x)
+        asym = torch.maximum(asym, s.sub_(hessian[:, a : a + rows].T).abs_().max())  # H − Hᵀ on these rows
+    if not finite:
+        raise InputError("hessian contains NaN or Inf; recompute it from finite inputs.")
+    scale = scale.clamp_min(1e-300)
     if (asym / scale).item() > 1e-4:
         raise HessianError("hessian is not symmetric; pass (H + H.T) / 2 or recompute it as XᵀX.")
     diag = hessian.diagonal().double()  # (K,)
