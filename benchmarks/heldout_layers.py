@@ -8,7 +8,7 @@ damping chosen on a held-out slice (sparsekit.regularize) help? (issue 16, targe
     PYTHONPATH=src python3 benchmarks/heldout_layers.py .cache/heldout_minilm.safetensors --device cuda
 
 The three Hessians of a layer: ``H_calib`` from the calibration split of ``mixed`` (what every method
-minimises), ``H_heldout`` from the held-out split of the same sources (what the regularisation is chosen on)
+minimises; ``--calib-tokens`` sets its size apart from the others', to measure what more tokens buy), ``H_heldout`` from the held-out split of the same sources (what the regularisation is chosen on)
 and ``H_domains`` from the held-out kinds of text that ``mixed`` never contains (fortunes, jargon, devil,
 foldoc, licenses, interleaved: the judge). Per layer and method (:data:`METHODS`: SparseGPT, True OBS, ADMM
 from SparseGPT as ``prune_weight`` runs it or from True OBS, each ADMM with ``refine="swap"`` too; or a label
@@ -81,7 +81,8 @@ EXTRAS = {
 }
 
 
-def save(path: str, model: str, layer_filter: str | None, tokens: int, seq_len: int) -> None:
+def save(path: str, model: str, layer_filter: str | None, tokens: int, seq_len: int,
+         calib_tokens: int | None = None) -> None:
     from safetensors.torch import save_file
 
     from sparsekit.data.layers import collect_layers
@@ -95,11 +96,12 @@ def save(path: str, model: str, layer_filter: str | None, tokens: int, seq_len: 
         "hessian_heldout": load_texts("mixed", "heldout"),
         "hessian_domains": [d for d in chain.from_iterable(zip_longest(*outside)) if d is not None],
     }
+    counts = {"hessian": calib_tokens or tokens, "hessian_heldout": tokens, "hessian_domains": tokens}
     tensors: dict[str, torch.Tensor] = {}
-    meta: dict[str, Any] = {"model": model, "tokens": tokens, "seq_len": seq_len,
+    meta: dict[str, Any] = {"model": model, "tokens": tokens, "calib_tokens": counts["hessian"], "seq_len": seq_len,
                             "domains": [d.name for d in heldout_domains() if not d.in_calibration]}
     for key, tx in texts.items():
-        for lay in collect_layers(mdl, tok, tx, tokens, seq_len, layer_filter or LAYERS[model], None):
+        for lay in collect_layers(mdl, tok, tx, counts[key], seq_len, layer_filter or LAYERS[model], None):
             tensors[f"{lay.name}.weight"] = lay.weight.contiguous()
             tensors[f"{lay.name}.{key}"] = _pack(lay.hessian.float())
     save_file(tensors, path, metadata={"info": json.dumps(meta)})
@@ -135,10 +137,10 @@ class _Layer:
     """One layer's weight, its Hessians (plus ``hessian_all``) and its prunings, each computed once: a ``+swap``
     label shares its method's grid, and the choices of every lever are read from one set of candidates."""
 
-    def __init__(self, W: torch.Tensor, H: dict[str, torch.Tensor]):
+    def __init__(self, W: torch.Tensor, H: dict[str, torch.Tensor], calib_share: float = 0.5):
         self.W = W  # (M, K)
-        # every calibration token: H_calib and H_heldout come from the same number of tokens (collect_layers)
-        self.H = {**H, "hessian_all": (H["hessian"] + H["hessian_heldout"]) / 2}  # (K, K) each
+        # every calibration token: each H = XᵀX / N, so the union weighs H_calib by its share of the tokens
+        self.H = {**H, "hessian_all": calib_share * H["hessian"] + (1 - calib_share) * H["hessian_heldout"]}
         self.pruned: dict[tuple[Any, ...], PruneResult] = {}
 
     def prune(self, method: str, opts: dict[str, Any], point: tuple[float, str], h: str = "hessian") -> PruneResult:
@@ -208,9 +210,11 @@ def run(path: str, methods: list[str], device: str, shrinks: list[float], layer_
                        and (layer_filter is None or re.search(layer_filter, k[: -len(".weight")])))
         layers = {n: {"weight": f.get_tensor(f"{n}.weight").to(device),
                       **{k: _unpack(f.get_tensor(f"{n}.{k}")).to(device) for k in HESSIANS}} for n in names}
+    calib = info.get("calib_tokens", info.get("tokens", 1))
+    share = calib / (calib + info.get("tokens", calib))  # H_calib's share of the calibration tokens
     rows = []
     for name, t in layers.items():
-        lay = _Layer(t["weight"], {k: t[k] for k in HESSIANS})
+        lay = _Layer(t["weight"], {k: t[k] for k in HESSIANS}, share)
         for label in methods:
             rows.append({"layer": name, "shape": list(lay.W.shape), **run_layer(lay, label, shrinks, levers)})
             d, c = rows[-1]["default"], rows[-1]["chosen"]
@@ -232,8 +236,11 @@ def summary(result: dict[str, Any]) -> str:
     layers = sorted({r["layer"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
     w = max(len(m) for m in methods) + 1
-    lines = [f"held-out layer loss, {result['info'].get('model')} ({result['device']}); relative output error through "
-             "H_calib / H_heldout (same sources) / H_domains (held-out kinds); default damping -> chosen on H_heldout"]
+    info = result["info"]
+    lines = [f"held-out layer loss, {info.get('model')} ({result['device']}; H_calib from "
+             f"{info.get('calib_tokens', info.get('tokens'))} tokens, the others from {info.get('tokens')}); relative "
+             "output error through H_calib / H_heldout (same sources) / H_domains (held-out kinds); default damping -> "
+             "chosen on H_heldout"]
     for lay in layers:
         lines.append(f"  {lay}")
         for m in methods:
@@ -277,6 +284,8 @@ def main() -> None:
     p.add_argument("--model", default="minilm", choices=sorted(LAYERS))
     p.add_argument("--layers", default=None, help="layer-name regex (--save default: LAYERS[model]; run: all)")
     p.add_argument("--tokens", type=int, default=8192, help="tokens per Hessian")
+    p.add_argument("--calib-tokens", type=int, default=None,
+                   help="--save: tokens of H_calib only (default --tokens); H_heldout and the judge keep --tokens")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated labels of {list(METHODS)}, each optionally with :key=value (admm:rho=1.0)")
@@ -286,7 +295,7 @@ def main() -> None:
                    help=f"also choose with each lever added in turn: {list(LEVERS)}, and {list(EXTRAS)}")
     args = p.parse_args()
     if args.save:
-        save(args.save, args.model, args.layers, args.tokens, args.seq_len)
+        save(args.save, args.model, args.layers, args.tokens, args.seq_len, args.calib_tokens)
         return
     if not args.file:
         p.error("give a file written by --save, or --save FILE")
