@@ -41,6 +41,7 @@ from sparsekit.pipeline import DEFAULT_OPTIONS, SKIP, Rule, find_blocks
 
 from sparsekit.data.text import TEXT_ROOT_ENV, calibration_sources, domain_texts, heldout_domains, load_texts
 from sparsekit.data.text import tokenize_for_calibration
+from sparsekit.cli.prune import calibration_size
 from sparsekit.regularize import DEFAULT_GRID
 from sparsekit.evaluate import (
     domain_windows,
@@ -123,9 +124,8 @@ def _table(result: dict[str, Any]) -> str:
 def run_model(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     dense, tok = _load(name, args.smollm2 if name == "smollm2" else args.minilm)
     causal = name == "smollm2" or dense.__class__.__name__.endswith("ForCausalLM")
-    cuda = str(args.device).startswith("cuda")
-    seq_len = args.seq_len or ((2048 if cuda else 512) if causal else 128)
-    tokens = args.calib_tokens or ((128 * 2048 if cuda else 16384) if causal else (128 * 2048 if cuda else 8192))
+    default_tokens, default_len = calibration_size(causal, args.device, dense.config.max_position_embeddings)
+    seq_len, tokens = args.seq_len or default_len, args.calib_tokens or default_tokens  # the CLI's defaults
     calib = tokenize_for_calibration(tok, load_texts(args.calib, "calib"), tokens, seq_len, seed=0)
     domains = heldout_domains(args.calib)
     texts = domain_texts(domains)

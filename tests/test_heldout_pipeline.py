@@ -262,7 +262,7 @@ def test_cli_regularisation_flags() -> None:
     assert calibration_size(True, "cuda", 8192) == (128 * 2048, 2048)
     assert calibration_size(True, "cuda:1", 1024) == (128 * 2048, 1024)
     assert calibration_size(True, None, 8192) == (16384, 512)
-    assert calibration_size(False, "cpu", 512) == (8192, 128)
+    assert calibration_size(False, "cpu", 512) == (65536, 128)  # 8x the old 8192: GENERALISATION_issue16.md
 
 
 def test_verdict_gap_ratio_and_domains(monkeypatch) -> None:
