@@ -34,14 +34,13 @@ import os
 import statistics
 import sys
 import time
-from itertools import chain, zip_longest
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from heldout_layers import _pack, _unpack  # noqa: E402
+from heldout_layers import _pack, _unpack, judged_texts  # noqa: E402
 
 from sparsekit import prune_weight, relative_error  # noqa: E402
 
@@ -91,15 +90,14 @@ def save(path: str, model_name: str, sizes: list[int], self_sizes: list[int], ra
 
     from sparsekit.data.layers import filter_names
     from sparsekit.data.models import load_model
-    from sparsekit.data.text import heldout_domains, load_texts, tokenize_for_calibration
+    from sparsekit.data.text import tokenize_for_calibration
     from sparsekit.pipeline.blocks import block_linears
 
     model, tok = load_model(model_name)
     linears = dict(block_linears(model))
     modules = {n: linears[n] for n in filter_names(list(linears), LAYERS[model_name])}
-    outside = [load_texts(d.name, d.split) for d in heldout_domains() if not d.in_calibration]
-    sets = {"calib": (load_texts("mixed", "calib"), sizes), "heldout": (load_texts("mixed", "heldout"), [8192]),
-            "domains": ([d for d in chain.from_iterable(zip_longest(*outside)) if d is not None], [8192, 32768])}
+    calib, heldout, domains = judged_texts()
+    sets = {"calib": (calib, sizes), "heldout": (heldout, [8192]), "domains": (domains, [8192, 32768])}
     ids = {key: tokenize_for_calibration(tok, tx, max(cuts), SEQ_LEN, 0) for key, (tx, cuts) in sets.items()}
     cuts = {key: c for key, (_, c) in sets.items()}
     if self_sizes:

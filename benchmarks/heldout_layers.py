@@ -8,8 +8,8 @@ damping chosen on a held-out slice (sparsekit.regularize) help? (issue 16, targe
     PYTHONPATH=src python3 benchmarks/heldout_layers.py .cache/heldout_minilm.safetensors --device cuda
 
 The three Hessians of a layer: ``H_calib`` from the calibration split of ``mixed`` (what every method
-minimises; ``--calib-tokens`` sets its size apart from the others', to measure what more tokens buy), ``H_heldout`` from the held-out split of the same sources (what the regularisation is chosen on)
-and ``H_domains`` from the held-out kinds of text that ``mixed`` never contains (fortunes, jargon, devil,
+minimises; ``--calib-tokens`` sets its size apart from the others', to measure what more tokens buy),
+``H_heldout`` from the held-out split of the same sources (what the regularisation is chosen on) and ``H_domains`` from the held-out kinds of text that ``mixed`` never contains (fortunes, jargon, devil,
 foldoc, licenses, interleaved: the judge). Per layer and method (:data:`METHODS`: SparseGPT, True OBS, ADMM
 from SparseGPT as ``prune_weight`` runs it or from True OBS, each ADMM with ``refine="swap"`` too; or a label
 with options changed, ``admm:rho=1.0``) the table has the relative output error through each H, at the default
@@ -81,21 +81,26 @@ EXTRAS = {
 }
 
 
+def judged_texts() -> tuple[list[str], list[str], list[str]]:
+    """The documents of ``H_calib``, ``H_heldout`` and ``H_domains``: the calibration and held-out splits of
+    ``mixed``, and the kinds of text ``mixed`` never contains, interleaved document by document."""
+    from sparsekit.data.text import heldout_domains, load_texts
+
+    outside = [load_texts(d.name, d.split) for d in heldout_domains() if not d.in_calibration]
+    return (load_texts("mixed", "calib"), load_texts("mixed", "heldout"),
+            [d for d in chain.from_iterable(zip_longest(*outside)) if d is not None])
+
+
 def save(path: str, model: str, layer_filter: str | None, tokens: int, seq_len: int,
          calib_tokens: int | None = None) -> None:
     from safetensors.torch import save_file
 
     from sparsekit.data.layers import collect_layers
     from sparsekit.data.models import load_model
-    from sparsekit.data.text import heldout_domains, load_texts
+    from sparsekit.data.text import heldout_domains
 
     mdl, tok = load_model(model)
-    outside = [load_texts(d.name, d.split) for d in heldout_domains() if not d.in_calibration]
-    texts = {
-        "hessian": load_texts("mixed", "calib"),
-        "hessian_heldout": load_texts("mixed", "heldout"),
-        "hessian_domains": [d for d in chain.from_iterable(zip_longest(*outside)) if d is not None],
-    }
+    texts = dict(zip(HESSIANS, judged_texts()))
     counts = {"hessian": calib_tokens or tokens, "hessian_heldout": tokens, "hessian_domains": tokens}
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {"model": model, "tokens": tokens, "calib_tokens": counts["hessian"], "seq_len": seq_len,
